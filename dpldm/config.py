@@ -1,0 +1,348 @@
+"""Typed, strictly loaded parameters: one frozen dataclass per params.yaml section.
+
+Every error names the key (``finetune.epsilon``), the value it got and what is allowed. DVC's
+``dvc exp run -S x=1e-06`` writes a value that YAML reads as a *string*; numeric fields accept such
+strings only when they parse as numbers, anything else is an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+
+class ConfigError(ValueError):
+    """A bad params.yaml value; the message names the key, the value and what is allowed."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ConfigError(f"params: {key} = {value!r} is not allowed; expected {allowed}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            _fail(key, value, "one of " + ", ".join(repr(c) for c in choices))
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            _fail(key, value, f"a list of {args[0].__name__}")
+        if args[-1] is Ellipsis:
+            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(value) != len(args):
+            _fail(key, value, f"a list of {len(args)} values")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            _fail(key, value, "a mapping")
+        return from_mapping(tp, value, prefix=key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(key, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            _fail(key, value, "an integer")
+        try:
+            return int(value)
+        except ValueError:
+            _fail(key, value, "an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            _fail(key, value, "a number")
+        try:
+            out = float(value)  # accepts DVC's "1e-06" strings
+        except (TypeError, ValueError):
+            _fail(key, value, "a number")
+        if not math.isfinite(out):
+            _fail(key, value, "a finite number")
+        return out
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(key, value, "a string")
+        return value
+    raise TypeError(f"unsupported field type {tp!r} for {key}")
+
+
+def from_mapping(cls: type, data: Mapping[str, Any] | None, *, prefix: str) -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys, bad types and bad values raise ConfigError."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        _fail(f"{prefix}.{unknown[0]}", data[unknown[0]], "no such key; known keys: " + ", ".join(sorted(names)))
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(f"{prefix}.{f.name}", data[f.name], hints[f.name])
+    return cls(**kwargs)
+
+
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        _fail(key, value, allowed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True)
+class Seeds:
+    prepare_public: int = 0
+    prepare_private: int = 0
+    pretrain_ae: int = 0
+    pretrain_ldm: int = 0
+    dp_finetune: int = 0
+    sample: int = 0
+    reference: int = 0
+    score_classifier: int = 0
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 2  # torch intra-op threads on CPU; 0 = torch's default
+    seeds: Seeds = field(default_factory=Seeds)
+
+    def __post_init__(self):
+        check(self.threads >= 0, "runtime.threads", self.threads, "an integer >= 0")
+
+
+SOURCES = ("fontdigits", "mnist5k", "digits8x8", "MNIST", "FashionMNIST", "EMNIST", "SVHN", "CIFAR10", "CelebA", "imagefolder")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One image set. ``n_train``/``n_test`` cap the splits (0 = all available)."""
+
+    source: Literal[SOURCES] = "mnist5k"  # type: ignore[valid-type]
+    root: str = ""  # local folder for torchvision sets and imagefolder
+    download: bool = False  # torchvision sets only; off by default (no network at run time)
+    count: int = 20000  # fontdigits: images to render
+    n_train: int = 0
+    n_test: int = 0
+    test_fraction: float = 0.2  # sources without an official test split
+    image_size: int = 32  # pixels; MNIST-family 28 -> 32 by zero padding
+    channels: Literal[1, 3] = 1
+    emnist_split: str = "digits"
+
+    def validate(self, key: str) -> None:
+        check(self.count > 0, f"{key}.count", self.count, "an integer > 0")
+        check(self.n_train >= 0, f"{key}.n_train", self.n_train, "an integer >= 0")
+        check(self.n_test >= 0, f"{key}.n_test", self.n_test, "an integer >= 0")
+        check(0.0 < self.test_fraction < 1.0, f"{key}.test_fraction", self.test_fraction, "a number in (0, 1)")
+        check(8 <= self.image_size <= 512, f"{key}.image_size", self.image_size, "pixels in [8, 512]")
+        check(self.source in ("fontdigits", "mnist5k", "digits8x8") or bool(self.root), f"{key}.root", self.root,
+              f"a local folder holding the {self.source} files (source {self.source!r} reads from disk)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    public: DatasetConfig = field(default_factory=lambda: DatasetConfig(source="fontdigits", n_test=1000))
+    private: DatasetConfig = field(default_factory=lambda: DatasetConfig(source="mnist5k", n_train=4000, n_test=1000))
+
+    def __post_init__(self):
+        self.public.validate("data.public")
+        self.private.validate("data.private")
+
+
+@dataclass(frozen=True)
+class AEConfig:
+    """diffusers AutoencoderKL; downsampling factor f = 2 ** (len(block_out_channels) - 1)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    latent_channels: int = 4
+    layers_per_block: int = 1
+    norm_num_groups: int = 32
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    recon_loss: Literal["l1", "l2"] = "l1"
+
+    def __post_init__(self):
+        check(1 <= len(self.block_out_channels) <= 5, "ae.block_out_channels", self.block_out_channels, "1 to 5 channel counts")
+        check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "ae.block_out_channels",
+              self.block_out_channels, f"multiples of ae.norm_num_groups={self.norm_num_groups} (GroupNorm)")
+        check(self.latent_channels >= 1, "ae.latent_channels", self.latent_channels, "an integer >= 1")
+        check(self.epochs >= 1, "ae.epochs", self.epochs, "an integer >= 1")
+        check(self.batch_size >= 1, "ae.batch_size", self.batch_size, "an integer >= 1")
+        check(self.lr > 0, "ae.lr", self.lr, "a number > 0")
+        check(self.kl_weight >= 0, "ae.kl_weight", self.kl_weight, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    batch_size: int = 500
+
+    def __post_init__(self):
+        check(self.batch_size >= 1, "encode.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class LDMConfig:
+    """Class-conditional diffusers UNet2DConditionModel on the AE latents."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    cross_attention_dim: int = 64
+    norm_num_groups: int = 32
+    attention_levels: tuple[int, ...] = ()  # resolution levels with cross-attention; () = all
+    num_classes: int = 10
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0155
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    cosine_decay: bool = True
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1  # for classifier-free guidance: share of labels replaced by the null class
+    checkpoint_every: int = 500  # steps
+    pretrained_path: str = ""  # a diffusers-format UNet folder to use instead of pretraining
+
+    def __post_init__(self):
+        check(len(self.block_out_channels) >= 1, "ldm.block_out_channels", self.block_out_channels, "at least one channel count")
+        check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "ldm.block_out_channels",
+              self.block_out_channels, f"multiples of ldm.norm_num_groups={self.norm_num_groups}")
+        check(self.num_classes >= 1, "ldm.num_classes", self.num_classes, "an integer >= 1")
+        check(self.num_train_timesteps >= 2, "ldm.num_train_timesteps", self.num_train_timesteps, "an integer >= 2")
+        check(0 < self.beta_start < self.beta_end < 1, "ldm.beta_end", self.beta_end, "0 < beta_start < beta_end < 1")
+        check(self.steps >= 0, "ldm.steps", self.steps, "an integer >= 0 (0 only with ldm.pretrained_path)")
+        check(self.batch_size >= 1, "ldm.batch_size", self.batch_size, "an integer >= 1")
+        check(self.lr > 0, "ldm.lr", self.lr, "a number > 0")
+        check(self.warmup_steps >= 0, "ldm.warmup_steps", self.warmup_steps, "an integer >= 0")
+        check(0 <= self.ema_decay < 1, "ldm.ema_decay", self.ema_decay, "a number in [0, 1)")
+        check(0 <= self.label_dropout < 1, "ldm.label_dropout", self.label_dropout, "a number in [0, 1)")
+        check(self.checkpoint_every >= 1, "ldm.checkpoint_every", self.checkpoint_every, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    mode: Literal["attention", "full", "none"] = "attention"
+    layers: tuple[int, int] = (1, 7)  # attention modules i..j, 1-based, forward order, inclusive
+    train_embedder: bool = True
+    private: bool = True
+    epsilon: float = 10.0
+    delta: float = 1e-5
+    accountant: Literal["prv", "rdp"] = "prv"
+    epochs: int = 30
+    batch_size: int = 250  # expected logical batch (Poisson sampling rate = batch_size / N)
+    physical_batch_size: int = 250  # rows per forward pass before the K copies
+    clip_norm: float = 0.01
+    lr: float = 1e-3
+    noise_multiplicity: int = 1  # K (DPDM)
+    ema_decay: float = 0.999
+
+    def __post_init__(self):
+        i, j = self.layers
+        check(1 <= i <= j, "finetune.layers", list(self.layers), "[i, j] with 1 <= i <= j (1-based, inclusive)")
+        check(self.epsilon > 0, "finetune.epsilon", self.epsilon, "a number > 0")
+        check(0 < self.delta < 1, "finetune.delta", self.delta, "a number in (0, 1), and below 1/N")
+        check(self.epochs >= 1, "finetune.epochs", self.epochs, "an integer >= 1")
+        check(self.batch_size >= 1, "finetune.batch_size", self.batch_size, "an integer >= 1")
+        check(self.physical_batch_size >= 1, "finetune.physical_batch_size", self.physical_batch_size, "an integer >= 1")
+        check(self.clip_norm > 0, "finetune.clip_norm", self.clip_norm, "a number > 0")
+        check(self.lr > 0, "finetune.lr", self.lr, "a number > 0")
+        check(self.noise_multiplicity >= 1, "finetune.noise_multiplicity", self.noise_multiplicity, "an integer K >= 1")
+        check(0 <= self.ema_decay < 1, "finetune.ema_decay", self.ema_decay, "a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    per_class: int = 500
+    steps: int = 25  # DDIM steps (paper: 200)
+    eta: float = 1.0
+    guidance_scale: float = 0.0  # classifier-free guidance; 0 = off (paper default)
+    batch_size: int = 500
+
+    def __post_init__(self):
+        check(self.per_class >= 1, "sample.per_class", self.per_class, "an integer >= 1")
+        check(self.steps >= 1, "sample.steps", self.steps, "an integer >= 1")
+        check(0 <= self.eta <= 1, "sample.eta", self.eta, "a number in [0, 1]")
+        check(self.guidance_scale >= 0, "sample.guidance_scale", self.guidance_scale, "a number >= 0")
+        check(self.batch_size >= 1, "sample.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class FIDConfig:
+    extractor: Literal["domain", "inception-v3-compat"] = "domain"
+    inception_weights: str = ""  # local weights-inception-2015-12-05-6726825d.pth
+    allow_download: bool = False
+    kid_subset_size: int = 1000
+    precision_recall: bool = False
+    domain_epochs: int = 5  # reference stage: epochs of the domain feature CNN
+
+    def __post_init__(self):
+        check(self.kid_subset_size >= 2, "fid.kid_subset_size", self.kid_subset_size, "an integer >= 2")
+        check(self.domain_epochs >= 1, "fid.domain_epochs", self.domain_epochs, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    cnn_epochs: int = 10
+    cnn_batch_size: int = 128
+    cnn_lr: float = 1e-3
+    seeds: int = 3  # CNN trained with this many seeds; mean and std reported
+    val_fraction: float = 0.1  # of the *synthetic* set, for model selection
+    mlp_hidden: int = 256
+    mlp_max_iter: int = 50
+    logreg_C: float = 0.1
+    max_train: int = 0  # cap on training images (0 = all)
+
+    def __post_init__(self):
+        check(self.cnn_epochs >= 1, "classifier.cnn_epochs", self.cnn_epochs, "an integer >= 1")
+        check(self.seeds >= 1, "classifier.seeds", self.seeds, "an integer >= 1")
+        check(0 < self.val_fraction < 0.5, "classifier.val_fraction", self.val_fraction, "a number in (0, 0.5)")
+        check(self.logreg_C > 0, "classifier.logreg_C", self.logreg_C, "a number > 0")
+        check(self.max_train >= 0, "classifier.max_train", self.max_train, "an integer >= 0")
+
+
+SECTIONS: dict[str, type] = {
+    "runtime": RuntimeConfig,
+    "data": DataConfig,
+    "ae": AEConfig,
+    "encode": EncodeConfig,
+    "ldm": LDMConfig,
+    "finetune": FinetuneConfig,
+    "sample": SampleConfig,
+    "fid": FIDConfig,
+    "classifier": ClassifierConfig,
+}
+
+
+def load_section(params: Mapping[str, Any], name: str) -> Any:
+    """The typed config of section ``name`` from a params mapping (the whole params.yaml)."""
+    if name not in SECTIONS:
+        raise ConfigError(f"params: no section {name!r}; sections: {', '.join(SECTIONS)}")
+    return from_mapping(SECTIONS[name], params.get(name), prefix=name)
+
+
+def load_all(params: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        _fail(unknown[0], "...", "a known section: " + ", ".join(SECTIONS))
+    return {name: load_section(params, name) for name in SECTIONS}
+
+
+def to_dict(cfg: Any) -> dict:
+    """JSON-friendly dict of a config (tuples become lists)."""
+    return json_ready(dataclasses.asdict(cfg))
+
+
+def json_ready(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj

@@ -1,0 +1,95 @@
+"""Diffusion math as small functions over diffusers' schedulers (Ho et al. 2020; DDIM, Song et al. 2021).
+
+- ``make_scheduler``: the forward process (T, beta schedule). ``scaled_linear`` from 0.0015 to
+  0.0155 is the official LDM schedule (linear in sqrt(beta)).
+- ``expand_rows``: noise multiplicity (DPDM): K copies of each example, example-major.
+- ``eps_loss``: L_simple = || eps - eps_theta(sqrt(a_t) z0 + sqrt(1 - a_t) eps, t, y) ||^2.
+- ``ddim_sample``: the DDIM sampling loop, with optional classifier-free guidance.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from .config import LDMConfig
+
+
+def make_scheduler(cfg: LDMConfig) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+
+
+def expand_rows(*tensors: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """K copies of every example, example-major: rows [x0, x0, ..., x1, x1, ...].
+    (``repeat`` would tile the batch and mix examples when the K rows are regrouped.)"""
+    return tuple(t.repeat_interleave(k, dim=0) for t in tensors)
+
+
+def q_sample(scheduler: DDPMScheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps."""
+    return scheduler.add_noise(z0, noise, t)
+
+
+def eps_loss(
+    model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    z0: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    scheduler: DDPMScheduler,
+    generator: torch.Generator | None = None,
+    k: int = 1,
+) -> torch.Tensor:
+    """Per-example epsilon-prediction loss [B], each averaged over K (t, eps) draws.
+
+    The model sees B*K example-major rows. ``loss.mean()`` over the result equals the mean over all
+    rows, which is what opacus expects (loss_reduction="mean")."""
+    b = z0.shape[0]
+    z0, y = expand_rows(z0, y, k=k)  # [B*K, ...]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b * k,), generator=generator, device="cpu").to(z0.device)
+    noise = torch.randn(z0.shape, generator=generator, device="cpu").to(z0.device)
+    pred = model(q_sample(scheduler, z0, noise, t), t, y)
+    per_row = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)  # [B*K]
+    return per_row.view(b, k).mean(1)  # [B]
+
+
+@torch.no_grad()
+def ddim_sample(
+    model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    y: torch.Tensor,
+    *,
+    shape: tuple[int, ...],
+    scheduler: DDPMScheduler,
+    steps: int,
+    eta: float,
+    guidance_scale: float = 0.0,
+    null_class: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """DDIM from pure noise to z0 for labels ``y``. With ``guidance_scale`` w > 0:
+    eps = (1 + w) eps(z, y) - w eps(z, null)."""
+    ddim = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True, clip_sample=False)
+    ddim.set_timesteps(steps)
+    y = y.to(device)
+    z = torch.randn((len(y), *shape), generator=generator, device="cpu").to(device)
+    for t in ddim.timesteps:
+        tt = torch.full((len(y),), int(t), device=device, dtype=torch.long)
+        if guidance_scale > 0:
+            if null_class is None:
+                raise ValueError("guidance_scale > 0 needs null_class")
+            both = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, null_class)]))
+            cond, uncond = both.chunk(2)
+            eps = (1 + guidance_scale) * cond - guidance_scale * uncond
+        else:
+            eps = model(z, tt, y)
+        z = ddim.step(eps, t, z, eta=eta, generator=generator).prev_sample
+    return z

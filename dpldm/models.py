@@ -1,0 +1,143 @@
+"""Networks: diffusers' AutoencoderKL and UNet2DConditionModel built from our configs, our class
+embedder, and the numbering of the paper's "attention modules".
+
+No file I/O here: stages save ``state_dict`` plus the config as JSON.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from .config import AEConfig, LDMConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# Autoencoder (LDM stage 1)
+
+
+def build_autoencoder(cfg: AEConfig, *, channels: int, image_size: int) -> AutoencoderKL:
+    """KL-regularised conv autoencoder; f = 2 ** (len(block_out_channels) - 1)."""
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.block_out_channels,
+        latent_channels=cfg.latent_channels,
+        layers_per_block=cfg.layers_per_block,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=image_size,
+    )
+
+
+def latent_shape(cfg: AEConfig, *, image_size: int) -> tuple[int, int, int]:
+    f = 2 ** (len(cfg.block_out_channels) - 1)
+    return (cfg.latent_channels, image_size // f, image_size // f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Class-conditional latent UNet
+
+
+class ClassEmbedder(nn.Module):
+    """Label -> cross-attention context [B, 1, D]. Index ``num_classes`` is the null class used for
+    classifier-free guidance (label dropout during pretraining)."""
+
+    def __init__(self, *, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding(y)[:, None, :]  # [B, 1, D]
+
+
+class ConditionalUNet(nn.Module):
+    """eps_theta(z_t, t, y): diffusers UNet conditioned through ``encoder_hidden_states``."""
+
+    def __init__(self, unet: UNet2DConditionModel, class_embedder: ClassEmbedder):
+        super().__init__()
+        self.unet = unet
+        self.class_embedder = class_embedder
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        context = self.class_embedder(y)  # [B, 1, D]
+        return self.unet(z_t, t, encoder_hidden_states=context, return_dict=False)[0]
+
+
+def build_unet(cfg: LDMConfig, *, latent_channels: int, latent_size: int) -> UNet2DConditionModel:
+    n = len(cfg.block_out_channels)
+    levels = set(range(n)) if not cfg.attention_levels else set(cfg.attention_levels)
+    down = tuple("CrossAttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n))
+    up = tuple("CrossAttnUpBlock2D" if (n - 1 - i) in levels else "UpBlock2D" for i in range(n))
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.attention_head_dim,
+        cross_attention_dim=cfg.cross_attention_dim,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+
+
+def build_ldm(cfg: LDMConfig, *, latent_channels: int, latent_size: int) -> ConditionalUNet:
+    return ConditionalUNet(
+        build_unet(cfg, latent_channels=latent_channels, latent_size=latent_size),
+        ClassEmbedder(num_classes=cfg.num_classes, dim=cfg.cross_attention_dim),
+    )
+
+
+@dataclass(frozen=True)
+class AttentionModule:
+    index: int  # 1-based, in forward order
+    name: str  # qualified name inside the ConditionalUNet
+    num_params: int
+
+
+def attention_modules(model: ConditionalUNet) -> list[AttentionModule]:
+    """The spatial-transformer blocks numbered 1..N in the order the forward pass visits them:
+    down blocks, the middle block, then up blocks. (diffusers registers ``mid_block`` after
+    ``up_blocks``, so ``named_modules()`` order would be wrong.)"""
+    unet = model.unet
+    groups = [(f"unet.down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
+    if unet.mid_block is not None:
+        groups.append(("unet.mid_block", unet.mid_block))
+    groups += [(f"unet.up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    out = []
+    for prefix, block in groups:
+        for j, attn in enumerate(getattr(block, "attentions", None) or []):
+            out.append(AttentionModule(len(out) + 1, f"{prefix}.attentions.{j}", sum(p.numel() for p in attn.parameters())))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Paper presets (shapes of the official configs), for tests and for users with bigger machines
+
+PRESETS: dict[str, tuple[AEConfig, LDMConfig, int, int]] = {
+    # name: (autoencoder, ldm, image channels, image size)
+    "mnist": (AEConfig(block_out_channels=(32, 64, 64, 64), latent_channels=3),
+              LDMConfig(block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=32, cross_attention_dim=64), 3, 32),
+    "cifar10": (AEConfig(block_out_channels=(64, 128), latent_channels=3),
+                LDMConfig(block_out_channels=(128, 256, 256, 512), layers_per_block=2, attention_head_dim=32,
+                          cross_attention_dim=512, attention_levels=(0, 1, 2)), 3, 32),
+    "celeba32": (AEConfig(block_out_channels=(64, 128), latent_channels=3),
+                 LDMConfig(block_out_channels=(128, 256, 256, 512), layers_per_block=2, attention_head_dim=32,
+                           cross_attention_dim=512, attention_levels=(0, 1, 2), num_classes=2), 3, 32),
+}
+
+
+def preset(name: str, **ldm_overrides) -> tuple[AEConfig, LDMConfig, int, int]:
+    ae, ldm, c, s = PRESETS[name]
+    return ae, replace(ldm, **ldm_overrides), c, s
+
+
+def count_params(module: nn.Module, *, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

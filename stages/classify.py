@@ -1,0 +1,46 @@
+"""Shared by ``reference`` and ``score_classifier``: fit the three downstream classifiers on a
+training set with model selection on a validation split carved from that *same* set, and only then
+read and score the real test split."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from dpldm.config import ClassifierConfig
+from dpldm.metrics import confusion, fit_sklearn, predict, sklearn_predict, train_cnn
+
+
+def split_validation(x: np.ndarray, y: np.ndarray, *, fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    n_val = max(int(round(fraction * len(y))), len(np.unique(y)))  # at least one per class
+    tr, va = train_test_split(idx, test_size=n_val, stratify=y, random_state=seed)
+    return x[tr], y[tr], x[va], y[va]
+
+
+def fit_and_score(cfg: ClassifierConfig, train_x: np.ndarray, train_y: np.ndarray, read_test: Callable[[], tuple],
+                  *, num_classes: int, seed: int) -> tuple[dict, np.ndarray]:
+    """Returns (metrics, confusion matrix of the first CNN seed). ``read_test`` is called once,
+    after every model choice is made."""
+    if cfg.max_train and len(train_y) > cfg.max_train:
+        keep = np.random.default_rng(seed).choice(len(train_y), cfg.max_train, replace=False)
+        train_x, train_y = train_x[keep], train_y[keep]
+    xt, yt, xv, yv = split_validation(train_x, train_y, fraction=cfg.val_fraction, seed=seed)
+    cnns = [train_cnn(xt, yt, xv, yv, num_classes=num_classes, epochs=cfg.cnn_epochs, batch_size=cfg.cnn_batch_size,
+                      lr=cfg.cnn_lr, seed=seed + s) for s in range(cfg.seeds)]
+    mlp, mlp_alpha, mlp_val = fit_sklearn("mlp", xt, yt, xv, yv, seed=seed, mlp_hidden=cfg.mlp_hidden, mlp_max_iter=cfg.mlp_max_iter)
+    lr, lr_c, lr_val = fit_sklearn("logreg", xt, yt, xv, yv, seed=seed, logreg_C=cfg.logreg_C)
+    # every choice is made: only now the real test split is read
+    test_x, test_y = read_test()
+    cnn_acc = [float((predict(r.model, test_x) == test_y).mean()) for r in cnns]
+    metrics = {
+        "cnn_accuracy": float(np.mean(cnn_acc)), "cnn_accuracy_std": float(np.std(cnn_acc)),
+        "cnn_val_accuracy": float(np.mean([r.val_accuracy for r in cnns])),
+        "cnn_best_epochs": [r.best_epoch for r in cnns],
+        "mlp_accuracy": float((sklearn_predict(mlp, test_x) == test_y).mean()), "mlp_alpha": mlp_alpha, "mlp_val_accuracy": mlp_val,
+        "logreg_accuracy": float((sklearn_predict(lr, test_x) == test_y).mean()), "logreg_C": lr_c, "logreg_val_accuracy": lr_val,
+        "n_train": int(len(yt)), "n_val": int(len(yv)), "n_test": int(len(test_y)),
+    }
+    return metrics, confusion(test_y, predict(cnns[0].model, test_x), num_classes)

@@ -1,0 +1,233 @@
+"""What every stage shares: the CLI, params loading, runtime setup, and file formats.
+
+A stage is ``run(params, inputs, outputs) -> metrics`` plus ``main()``; dvc.yaml passes every path
+(``--in name=path``, ``--out name=path``), so no path is written in code.
+
+Image Parquet schema (one row per image):
+    image        binary   PNG bytes (8-bit grey or RGB)
+    label        int64    class index into the ``class_names`` metadata
+    split        string   "train" or "test"
+    source_index int64    position of the image in its source (provenance)
+File metadata (``dpldm`` key, JSON): height, width, channels, class_names, source.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import yaml
+
+from dpldm.config import ConfigError, RuntimeConfig, load_section
+
+
+def parse_args(argv: list[str] | None, *, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--in", dest="inputs", action="append", default=[], metavar="NAME=PATH")
+    ap.add_argument("--out", dest="outputs", action="append", default=[], metavar="NAME=PATH")
+    ns = ap.parse_args(argv)
+
+    def pairs(items, allowed, what):
+        out = dict(item.split("=", 1) for item in items)
+        missing, extra = set(allowed) - set(out), set(out) - set(allowed)
+        if missing or extra:
+            ap.error(f"{what}: missing {sorted(missing)}, unknown {sorted(extra)}; expected {list(allowed)}")
+        return out
+
+    ns.inputs = pairs(ns.inputs, inputs, "--in")
+    ns.outputs = pairs(ns.outputs, outputs, "--out")
+    return ns
+
+
+def read_params(path: str | os.PathLike) -> dict:
+    with open(path) as fh:
+        return yaml.safe_load(fh) or {}
+
+
+def stage_main(run: Callable[..., dict], *, inputs: tuple[str, ...], outputs: tuple[str, ...], argv=None) -> None:
+    """Parse the CLI, run the stage, print its metrics. A bad param or input exits 2 with its message."""
+    ns = parse_args(argv, inputs=inputs, outputs=outputs)
+    try:
+        metrics = run(read_params(ns.params), ns.inputs, ns.outputs)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    print(json.dumps(metrics, indent=1, default=str))
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime
+
+
+def setup_runtime(params: dict, *, seed: int):
+    """Threads, seeds and the device (``auto`` = CUDA when present). Returns a torch.device."""
+    import torch
+
+    rt: RuntimeConfig = load_section(params, "runtime")
+    if rt.threads:
+        torch.set_num_threads(rt.threads)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if rt.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("params: runtime.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    if rt.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(rt.device)
+
+
+def seed_of(params: dict, stage: str) -> int:
+    return getattr(load_section(params, "runtime").seeds, stage)
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm that stays quiet in non-interactive logs unless asked (DPLDM_PROGRESS=1)."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("mininterval", 2.0)
+    kwargs.setdefault("disable", None if os.environ.get("DPLDM_PROGRESS", "1") == "1" else True)
+    return tqdm(iterable, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: always written to a temporary name first, then renamed (nothing half-written)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    try:
+        yield tmp
+        if path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes, channels: int) -> np.ndarray:
+    from PIL import Image
+
+    arr = np.asarray(Image.open(io.BytesIO(data)))
+    return arr[..., None] if channels == 1 and arr.ndim == 2 else arr
+
+
+def write_images(path, *, images: np.ndarray, labels: np.ndarray, split: list[str] | np.ndarray,
+                 source_index: np.ndarray, class_names: list[str], source: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, h, w, c = images.shape
+    table = pa.table({
+        "image": pa.array([encode_png(im) for im in images], type=pa.binary()),
+        "label": pa.array(np.asarray(labels, dtype=np.int64)),
+        "split": pa.array(list(split), type=pa.string()),
+        "source_index": pa.array(np.asarray(source_index, dtype=np.int64)),
+    })
+    meta = {"height": h, "width": w, "channels": c, "class_names": class_names, "source": source}
+    table = table.replace_schema_metadata({"dpldm": json.dumps(meta)})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_images(path, *, split: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(uint8 [N, H, W, C], int64 labels, metadata) of one split (or all rows)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"dpldm"])
+    if split is not None:
+        mask = np.asarray(table.column("split").to_pylist()) == split
+        table = table.filter(mask)
+    c = meta["channels"]
+    raw = table.column("image").to_pylist()
+    images = np.stack([decode_png(b, c) for b in raw]) if raw else np.zeros((0, meta["height"], meta["width"], c), np.uint8)
+    return images, table.column("label").to_numpy().astype(np.int64), meta
+
+
+def save_npz(path, **arrays) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def save_model(folder, *, state_dict: dict, config: dict, extra: dict | None = None) -> None:
+    """state_dict (tensors only) + config JSON; no pickled code."""
+    import torch
+
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True)
+        torch.save(state_dict, tmp / "model.pt")
+        (tmp / "config.json").write_text(json.dumps({**config, **(extra or {})}, indent=2) + "\n")
+
+
+def load_model_files(folder) -> tuple[dict, dict]:
+    import torch
+
+    folder = Path(folder)
+    return torch.load(folder / "model.pt", map_location="cpu", weights_only=True), json.loads((folder / "config.json").read_text())
+
+
+def image_grid(images: np.ndarray, labels: np.ndarray, *, per_class: int = 10, num_classes: int | None = None) -> np.ndarray:
+    """One row per class, ``per_class`` images each; uint8 [rows*H, cols*W, C]."""
+    num_classes = num_classes or int(labels.max()) + 1
+    n, h, w, c = images.shape
+    grid = np.zeros((num_classes * (h + 2), per_class * (w + 2), c), np.uint8)
+    for k in range(num_classes):
+        for j, i in enumerate(np.flatnonzero(labels == k)[:per_class]):
+            grid[k * (h + 2) + 1:k * (h + 2) + 1 + h, j * (w + 2) + 1:j * (w + 2) + 1 + w] = images[i]
+    return grid
+
+
+def save_png(path, array: np.ndarray, *, scale: int = 2) -> None:
+    from PIL import Image
+
+    img = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+@contextlib.contextmanager
+def live(folder):
+    """A DVCLive logger for one stage (its own directory; dvc.yaml declares its metrics and plots)."""
+    from dvclive import Live
+
+    if Path(folder).exists():
+        shutil.rmtree(folder)
+    with Live(dir=str(folder), save_dvc_exp=False, dvcyaml=None) as lv:
+        yield lv

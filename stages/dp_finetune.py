@@ -1,0 +1,203 @@
+"""Stage dp_finetune: DP-SGD on the *private* latents, training only the selected parameters
+(attention modules i..j plus the class embedder) of the public LDM.
+
+Order matters for privacy: every setting is validated and the noise is calibrated from N (read from
+the file header) before a single private latent is loaded. The ledger (epsilon from the accountant,
+delta, noise, steps, ...) is written every run; an interrupted run resumes from its last epoch with
+the accountant's history, and a fresh start on the same data is counted as another attempt."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.training_utils import EMAModel
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpldm.config import load_section, to_dict
+from dpldm.diffusion import eps_loss, make_scheduler
+from dpldm.models import attention_modules
+from dpldm.privacy import PrivacyConfigError, make_private, plan_dp, select_trainable, validate_plan_inputs
+from stages.common import (ConfigError, atomic_path, live, progress, read_json, save_model, seed_of, setup_runtime,
+                           stage_main, write_json)
+from stages.pretrain_ldm import load_ldm
+
+INPUTS = ("ldm", "latents")
+OUTPUTS = ("model", "ledger", "checkpoint", "live")
+
+
+def npz_rows(path, key: str) -> int:
+    """Number of rows of one array in an .npz, from its header only (no private values read)."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as fh:
+        major, _ = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(fh)
+    return int(shape[0])
+
+
+def file_sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def run(params: dict, inputs: dict, outputs: dict) -> dict:
+    cfg = load_section(params, "finetune")
+    seed = seed_of(params, "dp_finetune")
+    device = setup_runtime(params, seed=seed)
+    model, ldm_cfg, _ = load_ldm(inputs["ldm"])
+    # --- validation before any private data is touched ---------------------------------------
+    try:
+        names = select_trainable(model, mode=cfg.mode, layers=cfg.layers, train_embedder=cfg.train_embedder)
+        n = npz_rows(inputs["latents"], "train_labels")
+        if cfg.private and cfg.mode != "none":
+            plan = plan_dp(cfg, n=n)
+        else:
+            validate_plan_inputs(cfg, n=n)
+            plan = None
+    except PrivacyConfigError as err:
+        raise ConfigError(str(err)) from None
+    mods = attention_modules(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    k = cfg.noise_multiplicity
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    ledger = {
+        "private": bool(cfg.private and cfg.mode != "none"), "mode": cfg.mode, "layers": list(cfg.layers),
+        "train_embedder": cfg.train_embedder, "selected_attention_modules": [m.name for m in mods[cfg.layers[0] - 1:cfg.layers[1]]]
+        if cfg.mode == "attention" else ([m.name for m in mods] if cfg.mode == "full" else []),
+        "trainable_params": n_trainable, "total_params": n_total, "trainable_share": n_trainable / n_total,
+        "N": n, "K": k, "expected_batch_size": cfg.batch_size, "physical_batch_size": cfg.physical_batch_size,
+        "epochs": cfg.epochs if cfg.mode != "none" else 0, "clip_norm": cfg.clip_norm, "accountant": cfg.accountant,
+        "delta": cfg.delta, "target_epsilon": cfg.epsilon,
+        "noise_multiplier": plan.noise_multiplier if plan else 0.0, "sample_rate": plan.sample_rate if plan else 1.0 / steps_per_epoch,
+    }
+    print(f"dp_finetune: training {len(names)} tensors, {n_trainable:,} of {n_total:,} parameters "
+          f"({100 * n_trainable / n_total:.1f}%): {ledger['selected_attention_modules']}"
+          + (" + class_embedder" if cfg.train_embedder and cfg.mode == "attention" else ""))
+    if plan:
+        print(f"dp_finetune: noise multiplier {plan.noise_multiplier:.4f} for eps={cfg.epsilon}, delta={cfg.delta:g}, "
+              f"q={plan.sample_rate:.5f}, {plan.steps} steps ({cfg.accountant})")
+
+    # --- private data from here on -------------------------------------------------------------
+    data = np.load(inputs["latents"])
+    z, y = torch.from_numpy(data["train_latents"]), torch.from_numpy(data["train_labels"]).long()
+    scheduler = make_scheduler(ldm_cfg)
+    model.to(device)
+    ema = EMAModel(trainable, decay=cfg.ema_decay)  # before opacus wraps the model (no hooks on the copy)
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0) if trainable else None
+    g_data = torch.Generator().manual_seed(seed)
+    g_noise = torch.Generator().manual_seed(seed + 1)
+    base_loader = DataLoader(TensorDataset(z, y), batch_size=cfg.batch_size)
+    accountant = None
+    if plan:
+        pt = make_private(model, opt, base_loader, plan=plan, max_grad_norm=cfg.clip_norm, noise_multiplicity=k,
+                          generator=g_data, expected_batch_size=cfg.batch_size)
+        net, opt, loader, accountant = pt.model, pt.optimizer, pt.data_loader, pt.accountant
+    else:
+        net = model
+        loader = DataLoader(TensorDataset(z, y), batch_size=cfg.batch_size, shuffle=True, generator=g_data)
+
+    # --- resume or a new attempt ------------------------------------------------------------------
+    ckdir = Path(outputs["checkpoint"])
+    ckdir.mkdir(parents=True, exist_ok=True)
+    ckpt, attempts_path = ckdir / "state.pt", ckdir / "attempts.json"
+    attempts = read_json(attempts_path) if attempts_path.exists() else []
+    data_sha = file_sha(inputs["latents"])
+    run_key = {"finetune": to_dict(cfg), "ldm_sha": file_sha(Path(inputs["ldm"]) / "model.pt"), "data_sha": data_sha, "seed": seed}
+    start_epoch, steps = 0, 0
+    state = torch.load(ckpt, map_location="cpu", weights_only=False) if ckpt.exists() else None
+    if state is not None and state["run_key"] == run_key and not state.get("completed"):
+        model.load_state_dict(state["model"])
+        if opt is not None:
+            opt.load_state_dict(state["opt"])
+        ema.load_state_dict(state["ema"])
+        if accountant is not None:
+            accountant.load_state_dict(state["accountant"])
+        g_data.set_state(state["g_data"])
+        g_noise.set_state(state["g_noise"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, steps = state["epoch"], state["steps"]
+        attempts[-1]["resumed_at_epoch"] = attempts[-1].get("resumed_at_epoch", []) + [start_epoch]
+        print(f"dp_finetune: resuming at epoch {start_epoch} of {cfg.epochs} ({steps} steps spent so far)")
+    else:
+        attempts.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "data_sha": data_sha, "private": ledger["private"],
+                         "target_epsilon": cfg.epsilon if ledger["private"] else None, "status": "started"})
+    write_json(attempts_path, attempts)
+    stop_after = int(os.environ.get("DPLDM_STOP_AFTER_EPOCH", "0"))  # simulate a crash (tests)
+
+    # --- training -------------------------------------------------------------------------------
+    epochs = ledger["epochs"]
+    with live(outputs["live"]) as lv:
+        bar = progress(total=epochs * steps_per_epoch, initial=steps, desc="dp_finetune")
+        for epoch in range(start_epoch, epochs):
+            net.train()
+            losses = []
+            ctx = BatchMemoryManager(data_loader=loader, max_physical_batch_size=cfg.physical_batch_size, optimizer=opt) \
+                if plan else contextlib.nullcontext(loader)
+            with ctx as batches:
+                for zb, yb in batches:
+                    opt.zero_grad(set_to_none=True)
+                    if len(yb) == 0:  # empty Poisson batch: still a (noise-only) step
+                        for p in trainable:
+                            p.grad_sample = torch.zeros(0, *p.shape, device=p.device)
+                    else:
+                        loss = eps_loss(net, zb.to(device), yb.to(device), scheduler=scheduler, generator=g_noise, k=k).mean()
+                        loss.backward()
+                        losses.append(float(loss))
+                    opt.step()
+                    if plan is None or not opt._is_last_step_skipped:
+                        ema.step(trainable)
+                        steps += 1
+                        bar.update(1)
+            eps_now = accountant.get_epsilon(delta=cfg.delta) if accountant else None
+            lv.log_metric("train/loss", float(np.mean(losses)) if losses else float("nan"))
+            if eps_now is not None:
+                lv.log_metric("train/epsilon_spent", eps_now)
+            lv.next_step()
+            with atomic_path(ckpt) as tmp:
+                torch.save({"run_key": run_key, "epoch": epoch + 1, "steps": steps, "model": model.state_dict(),
+                            "opt": opt.state_dict() if opt is not None else None, "ema": ema.state_dict(),
+                            "accountant": accountant.state_dict() if accountant else None, "g_data": g_data.get_state(),
+                            "g_noise": g_noise.get_state(), "torch_rng": torch.get_rng_state()}, tmp)
+            if stop_after and epoch + 1 >= stop_after and epoch + 1 < epochs:
+                raise SystemExit(f"dp_finetune: stopped after epoch {epoch + 1} (DPLDM_STOP_AFTER_EPOCH)")
+        bar.close()
+        if trainable:
+            ema.copy_to(trainable)
+        eps = float(accountant.get_epsilon(delta=cfg.delta)) if accountant else None
+        if eps is not None and eps > cfg.epsilon + 1e-9:
+            raise RuntimeError(f"accountant reports epsilon {eps:.4f} above the target {cfg.epsilon}: refusing to release")
+        attempts[-1].update(status="completed", epsilon_spent=eps, steps=steps)
+        spent = [a.get("epsilon_spent") if a["status"] == "completed" else a.get("target_epsilon")
+                 for a in attempts if a["data_sha"] == data_sha and a["private"]]
+        ledger.update(epsilon_spent=eps, steps=steps, attempt=len([a for a in attempts if a["data_sha"] == data_sha]),
+                      epsilon_spent_all_attempts=float(sum(s for s in spent if s is not None)) if ledger["private"] else None,
+                      resumed_at_epoch=attempts[-1].get("resumed_at_epoch", []))
+        if ledger["attempt"] > 1:
+            print(f"dp_finetune: WARNING attempt {ledger['attempt']} on the same private data; together they spent "
+                  f"up to eps={ledger['epsilon_spent_all_attempts']} (basic composition)")
+        for key in ("epsilon_spent", "delta", "noise_multiplier", "sample_rate", "steps", "epochs", "N", "K", "clip_norm",
+                    "trainable_params", "trainable_share", "attempt", "epsilon_spent_all_attempts"):
+            if ledger[key] is not None:
+                lv.log_metric(f"ledger/{key}", ledger[key], plot=False)
+    torch.save({"run_key": run_key, "completed": True}, ckpt)
+    write_json(attempts_path, attempts)
+    write_json(outputs["ledger"], ledger)
+    save_model(outputs["model"], state_dict=model.cpu().state_dict(), config=to_dict(ldm_cfg),
+               extra={"latent_shape": list(z.shape[1:]), "finetune": to_dict(cfg), "trainable": names})
+    return {k: ledger[k] for k in ("epsilon_spent", "noise_multiplier", "steps", "trainable_params")}
+
+
+def main(argv=None) -> None:
+    stage_main(run, inputs=INPUTS, outputs=OUTPUTS, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

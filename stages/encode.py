@@ -1,0 +1,44 @@
+"""Shared body of ``encode_public`` and ``encode_private``: posterior means of the frozen public AE,
+multiplied by the public latent scale factor stored with the AE."""
+from __future__ import annotations
+
+import torch
+
+from dpldm.config import AEConfig, from_mapping, load_section
+from dpldm.data import images_to_tensor
+from dpldm.models import build_autoencoder
+from stages.common import live, load_model_files, read_images, save_npz, setup_runtime
+from stages.pretrain_ae import encode_mean
+
+INPUTS = ("images", "ae")
+OUTPUTS = ("latents", "live")
+
+
+def load_autoencoder(folder):
+    state, conf = load_model_files(folder)
+    fields = {k: v for k, v in conf.items() if k in AEConfig.__dataclass_fields__}
+    ae = build_autoencoder(from_mapping(AEConfig, fields, prefix="ae"), channels=conf["channels"], image_size=conf["image_size"])
+    ae.load_state_dict(state)
+    ae.eval().requires_grad_(False)
+    return ae, conf
+
+
+def run_encode(params: dict, inputs: dict, outputs: dict) -> dict:
+    cfg = load_section(params, "encode")
+    device = setup_runtime(params, seed=0)
+    ae, conf = load_autoencoder(inputs["ae"])
+    ae.to(device)
+    scale = conf["latent_scale_factor"]
+    arrays, metrics = {}, {"latent_scale_factor": scale}
+    for split in ("train", "test"):
+        x, y, _ = read_images(inputs["images"], split=split)
+        z = encode_mean(ae, images_to_tensor(x), batch_size=cfg.batch_size, device=device) * scale
+        arrays[f"{split}_latents"] = z.numpy()
+        arrays[f"{split}_labels"] = y
+        metrics[f"{split}_count"] = len(y)
+        metrics[f"{split}_latent_std"] = float(z.std()) if len(z) else 0.0
+    save_npz(outputs["latents"], scale_factor=torch.tensor(scale).numpy(), **arrays)
+    with live(outputs["live"]) as lv:
+        for k, v in metrics.items():
+            lv.log_metric(k, v, plot=False)
+    return metrics

@@ -1,0 +1,45 @@
+"""Shared body of ``prepare_public`` and ``prepare_private``: load a source, write Parquet, a
+manifest, an example grid per class, and DVCLive metrics."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from dpldm.config import load_section, to_dict
+from dpldm.data import load_source
+from stages.common import image_grid, live, save_png, seed_of, setup_runtime, write_images, write_json
+
+INPUTS: tuple[str, ...] = ()
+OUTPUTS = ("data", "manifest", "grid", "live")
+
+
+def run_prepare(params: dict, outputs: dict, *, which: str) -> dict:
+    cfg = getattr(load_section(params, "data"), which)
+    seed = seed_of(params, f"prepare_{which}")
+    setup_runtime(params, seed=seed)
+    loaded = load_source(cfg, seed=seed)
+    tr, te = loaded.train, loaded.test
+    images = np.concatenate([tr.images, te.images])
+    labels = np.concatenate([tr.labels, te.labels])
+    split = ["train"] * len(tr) + ["test"] * len(te)
+    write_images(outputs["data"], images=images, labels=labels, split=split,
+                 source_index=np.concatenate([tr.source_index, te.source_index]),
+                 class_names=loaded.class_names, source=cfg.source)
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes() + "".join(split).encode()).hexdigest()
+    counts = {s: {name: int((part.labels == k).sum()) for k, name in enumerate(loaded.class_names)}
+              for s, part in (("train", tr), ("test", te))}
+    manifest = {
+        "role": which, "source": cfg.source, "config": to_dict(cfg), "seed": seed,
+        "n_train": len(tr), "n_test": len(te), "height": int(images.shape[1]), "width": int(images.shape[2]),
+        "channels": int(images.shape[3]), "class_names": loaded.class_names, "counts": counts,
+        "content_sha256": digest,
+    }
+    write_json(outputs["manifest"], manifest)
+    save_png(outputs["grid"], image_grid(tr.images, tr.labels, per_class=12, num_classes=len(loaded.class_names)))
+    metrics = {"n_train": len(tr), "n_test": len(te), "num_classes": len(loaded.class_names),
+               "pixel_mean": float(tr.images.mean() / 255.0)}
+    with live(outputs["live"]) as lv:
+        for k, v in metrics.items():
+            lv.log_metric(k, v, plot=False)
+    return metrics

@@ -1,0 +1,45 @@
+"""Stage reference: the real-to-real numbers every result is compared with, and the domain feature
+extractor for FID. Depends on the private data only, so a new epsilon never re-runs it."""
+from __future__ import annotations
+
+import torch
+
+from dpldm.config import load_section, to_dict
+from dpldm.metrics import SmallCNN, train_cnn
+from stages.classify import fit_and_score, split_validation
+from stages.common import live, read_images, save_model, seed_of, setup_runtime, stage_main, write_json
+
+INPUTS = ("private",)
+OUTPUTS = ("extractor", "metrics", "live")
+
+
+def run(params: dict, inputs: dict, outputs: dict) -> dict:
+    ccfg, fcfg = load_section(params, "classifier"), load_section(params, "fid")
+    seed = seed_of(params, "reference")
+    setup_runtime(params, seed=seed)
+    x, y, meta = read_images(inputs["private"], split="train")
+    k = len(meta["class_names"])
+    # domain feature extractor: SmallCNN on the real private train split (epoch chosen on a train holdout)
+    xt, yt, xv, yv = split_validation(x, y, fraction=ccfg.val_fraction, seed=seed)
+    fit = train_cnn(xt, yt, xv, yv, num_classes=k, epochs=fcfg.domain_epochs, batch_size=ccfg.cnn_batch_size,
+                    lr=ccfg.cnn_lr, seed=seed)
+    save_model(outputs["extractor"], state_dict=fit.model.state_dict(),
+               config={"channels": meta["channels"], "image_size": meta["height"], "num_classes": k,
+                       "feature_dim": SmallCNN.feature_dim, "val_accuracy": fit.val_accuracy})
+    metrics, _ = fit_and_score(ccfg, x, y, lambda: read_images(inputs["private"], split="test")[:2], num_classes=k, seed=seed)
+    metrics = {f"real_{k_}": v for k_, v in metrics.items()}
+    metrics["domain_extractor_val_accuracy"] = fit.val_accuracy
+    write_json(outputs["metrics"], metrics)
+    with live(outputs["live"]) as lv:
+        for k_, v in metrics.items():
+            if isinstance(v, (int, float)):
+                lv.log_metric(k_, v, plot=False)
+    return metrics
+
+
+def main(argv=None) -> None:
+    stage_main(run, inputs=INPUTS, outputs=OUTPUTS, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

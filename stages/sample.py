@@ -1,0 +1,55 @@
+"""Stage sample: DDIM samples of the fine-tuned LDM, balanced over classes, decoded by the AE."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dpldm.data import tensor_to_images
+from dpldm.diffusion import ddim_sample, make_scheduler
+from dpldm.config import load_section
+from stages.common import image_grid, live, progress, save_png, seed_of, setup_runtime, stage_main, write_images
+from stages.encode import load_autoencoder
+from stages.pretrain_ldm import load_ldm
+
+INPUTS = ("ldm", "ae")
+OUTPUTS = ("samples", "grid", "live")
+
+
+def run(params: dict, inputs: dict, outputs: dict) -> dict:
+    cfg = load_section(params, "sample")
+    seed = seed_of(params, "sample")
+    device = setup_runtime(params, seed=seed)
+    model, ldm_cfg, conf = load_ldm(inputs["ldm"])
+    ae, ae_conf = load_autoencoder(inputs["ae"])
+    model.to(device).eval()
+    ae.to(device)
+    scheduler = make_scheduler(ldm_cfg)
+    labels = torch.arange(ldm_cfg.num_classes).repeat_interleave(cfg.per_class)
+    g = torch.Generator().manual_seed(seed)
+    images = []
+    for i in progress(range(0, len(labels), cfg.batch_size), desc="sample"):
+        yb = labels[i:i + cfg.batch_size]
+        z = ddim_sample(model, yb, shape=tuple(conf["latent_shape"]), scheduler=scheduler, steps=cfg.steps, eta=cfg.eta,
+                        guidance_scale=cfg.guidance_scale, null_class=ldm_cfg.num_classes, generator=g, device=device)
+        with torch.no_grad():
+            x = ae.decode(z / ae_conf["latent_scale_factor"]).sample
+        images.append(tensor_to_images(x))
+    images = np.concatenate(images)
+    y = labels.numpy()
+    write_images(outputs["samples"], images=images, labels=y, split=["synthetic"] * len(y), source_index=np.arange(len(y)),
+                 class_names=ae_conf["class_names"], source="dpldm-samples")
+    save_png(outputs["grid"], image_grid(images, y, per_class=12, num_classes=ldm_cfg.num_classes))
+    metrics = {"num_samples": len(y), "ddim_steps": cfg.steps, "eta": cfg.eta, "guidance_scale": cfg.guidance_scale,
+               "pixel_mean": float(images.mean() / 255.0)}
+    with live(outputs["live"]) as lv:
+        for k, v in metrics.items():
+            lv.log_metric(k, v, plot=False)
+    return metrics
+
+
+def main(argv=None) -> None:
+    stage_main(run, inputs=INPUTS, outputs=OUTPUTS, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

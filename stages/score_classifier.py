@@ -1,0 +1,66 @@
+"""Stage score_classifier: train on synthetic, test on real. Model selection uses a held-out
+*synthetic* validation split; the real test split is read only after every choice is made."""
+from __future__ import annotations
+
+import numpy as np
+
+from dpldm.config import load_section
+from stages.classify import fit_and_score
+from stages.common import live, read_images, read_json, seed_of, setup_runtime, stage_main
+
+INPUTS = ("samples", "private", "reference")
+OUTPUTS = ("confusion", "live")
+
+
+def read_real_test(path) -> tuple[np.ndarray, np.ndarray]:
+    x, y, _ = read_images(path, split="test")
+    return x, y
+
+
+def run(params: dict, inputs: dict, outputs: dict) -> dict:
+    cfg = load_section(params, "classifier")
+    seed = seed_of(params, "score_classifier")
+    setup_runtime(params, seed=seed)
+    x, y, meta = read_images(inputs["samples"])
+    k = len(meta["class_names"])
+    metrics, cm = fit_and_score(cfg, x, y, lambda: read_real_test(inputs["private"]), num_classes=k, seed=seed)
+    ref = read_json(inputs["reference"])
+    for name in ("cnn", "mlp", "logreg"):
+        metrics[f"{name}_ratio_to_real"] = metrics[f"{name}_accuracy"] / max(ref[f"real_{name}_accuracy"], 1e-12)
+    _save_confusion(outputs["confusion"], cm, meta["class_names"], metrics["cnn_accuracy"])
+    with live(outputs["live"]) as lv:
+        for key, v in metrics.items():
+            if isinstance(v, (int, float)):
+                lv.log_metric(key, v, plot=False)
+    return metrics
+
+
+def _save_confusion(path, cm: np.ndarray, names: list[str], acc: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stages.common import atomic_path
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted (CNN trained on synthetic)")
+    ax.set_ylabel("true (real test split)")
+    ax.set_title(f"CNN accuracy {100 * acc:.1f}%")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=6, color="white" if v > cm.max() / 2 else "black")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    stage_main(run, inputs=INPUTS, outputs=OUTPUTS, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

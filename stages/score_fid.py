@@ -1,0 +1,58 @@
+"""Stage score_fid: FID and KID of the samples against the real *private train* split, with the
+extractor named in params (``domain`` by default, or torch-fidelity's Inception from a local file)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dpldm.config import load_section
+from dpldm.metrics import INCEPTION_WEIGHTS_FILE, content_hash, fidelity, register_domain_extractor
+from stages.common import ConfigError, live, load_model_files, read_images, setup_runtime, stage_main
+
+INPUTS = ("samples", "private", "extractor")
+OUTPUTS = ("cache", "live")
+
+
+def inception_weights(cfg) -> str | None:
+    """The local Inception weights path, or a clear error naming the file, where to put it, and the way out."""
+    if cfg.allow_download:
+        return cfg.inception_weights or None
+    path = Path(cfg.inception_weights) if cfg.inception_weights else None
+    if path is None or not path.is_file():
+        raise ConfigError(
+            f"fid.inception_weights = {cfg.inception_weights!r}: the Inception weights file is missing. Put torch-fidelity's "
+            f"{INCEPTION_WEIGHTS_FILE} on this machine and set fid.inception_weights to its path, or set "
+            f"fid.extractor: domain (no download needed), or fid.allow_download: true on a machine with network access.")
+    return str(path)
+
+
+def run(params: dict, inputs: dict, outputs: dict) -> dict:
+    cfg = load_section(params, "fid")
+    device = setup_runtime(params, seed=0)
+    weights = inception_weights(cfg) if cfg.extractor == "inception-v3-compat" else None
+    synth, _, _ = read_images(inputs["samples"])
+    real, real_y, _ = read_images(inputs["private"], split="train")
+    if cfg.extractor == "domain":
+        state, conf = load_model_files(inputs["extractor"])
+        name = register_domain_extractor(state, channels=conf["channels"], image_size=conf["image_size"], num_classes=conf["num_classes"])
+        tag = "domain"
+    else:
+        name, tag = "inception-v3-compat", "inception"
+    Path(outputs["cache"]).mkdir(parents=True, exist_ok=True)
+    metrics = fidelity(synth, real, extractor=name, tag=tag, kid_subset_size=cfg.kid_subset_size,
+                       precision_recall=cfg.precision_recall, cuda=device.type == "cuda", weights_path=weights,
+                       cache_root=outputs["cache"], real_cache_name=f"private-train-{content_hash(real, real_y)}-{name}")
+    metrics["fid_reference"] = "private train split"
+    with live(outputs["live"]) as lv:
+        for k, v in metrics.items():
+            lv.log_metric(k, v, plot=False)
+    return metrics
+
+
+def main(argv=None) -> None:
+    stage_main(run, inputs=INPUTS, outputs=OUTPUTS, argv=argv)
+
+
+if __name__ == "__main__":
+    main()
