@@ -18,6 +18,7 @@ class ConfigError(ValueError):
 
 
 def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
+    value = list(value) if isinstance(value, tuple) else value  # as written in params.yaml
     raise ConfigError(f"params: {key} = {value!r} is not allowed; expected {allowed}")
 
 

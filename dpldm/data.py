@@ -135,7 +135,7 @@ def _torchvision_mnist_like(cfg: DatasetConfig, train: bool):
             names = [f"{s}-{k}-idx{3 if k == 'images' else 1}-ubyte" for s in ("train", "t10k") for k in ("images", "labels")]
         raise DataSourceError(
             f"{cfg.source}: not found under {raw} ({err}). Expected files: {', '.join(names)} "
-            f"(optionally .gz). Copy them there, or set data.*.download: true on a machine with network access."
+            f"(uncompressed: gunzip the .gz downloads). Copy them there, or set data.*.download: true on a machine with network access."
         ) from None
     images = ds.data.numpy()
     if cfg.source == "EMNIST":  # EMNIST is stored transposed

@@ -42,6 +42,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.05)
     with live(outputs["live"]) as lv:
         bar = progress(total=total, desc="pretrain_ae")
+        step = 0
         for epoch in range(cfg.epochs):
             ae.train()
             perm = torch.randperm(len(x), generator=g)
@@ -57,7 +58,8 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
                 opt.step()
                 sched.step()
                 bar.update(1)
-                if bar.n % 20 == 0 or bar.n == total:
+                step += 1
+                if step % 20 == 0 or step == total:
                     lv.log_metric("train/recon_loss", float(rec.detach()))
                     lv.log_metric("train/kl", float(kl.detach()))
                     lv.next_step()

@@ -1,0 +1,173 @@
+"""The Prefect flow: one task per DVC stage, read from dvc.yaml, run through DVC in its order.
+
+DVC owns the DAG and caching (each task is ``dvc repro --single-item STAGE``); Prefect's own task
+caching is off. A task ends ``Completed`` when its stage ran and ``UpToDate`` when DVC skipped it.
+Retries happen only for infrastructure failures (the stage process killed by a signal); a DP
+fine-tuning retry resumes from its checkpoint or counts as a new attempt in the ledger.
+
+    python -m pipeline.flow [--repo .] [--set finetune.epsilon=5 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+
+
+def dvc_bin() -> str:
+    return str(Path(sys.executable).parent / "dvc")
+
+
+def stage_order(repo: str | os.PathLike = ".") -> list[str]:
+    """Stages of dvc.yaml in a topological order of their deps/outs (ties kept in file order)."""
+    stages = yaml.safe_load((Path(repo) / "dvc.yaml").read_text())["stages"]
+    produced = {}
+    for name, st in stages.items():
+        for out in st.get("outs", []):
+            produced[out if isinstance(out, str) else next(iter(out))] = name
+    needs = {name: {produced[d] for d in st.get("deps", []) if d in produced} for name, st in stages.items()}
+    order, done = [], set()
+    while len(order) < len(stages):
+        ready = [n for n in stages if n not in done and needs[n] <= done]
+        if not ready:
+            raise ValueError(f"dvc.yaml has a cycle among {sorted(set(stages) - done)}")
+        order.append(ready[0])
+        done.add(ready[0])
+    return order
+
+
+def _infrastructure_failure(task, task_run, state) -> bool:
+    """Retry only when the stage process was killed (signal: OOM killer, preemption), never because
+    of what the stage computed."""
+    try:
+        state.result()
+    except StageFailed as err:
+        return err.returncode < 0
+    except Exception:
+        return False
+    return False
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int, tail: str):
+        super().__init__(f"stage {stage} failed with exit code {returncode}:\n{tail}")
+        self.returncode = returncode
+
+
+@task(name="dvc-stage", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=_infrastructure_failure,
+      task_run_name="{stage}")
+def run_stage(stage: str, repo: str) -> Completed:
+    """``dvc repro --single-item STAGE``, its output streamed into the run log."""
+    logger = get_run_logger()
+    t0 = time.time()
+    proc = subprocess.Popen([dvc_bin(), "repro", "--single-item", stage], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "DPLDM_PROGRESS": "0"})
+    lines = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        lines.append(line)
+        logger.info(line)
+    proc.wait()
+    if proc.returncode:
+        raise StageFailed(stage, proc.returncode, "\n".join(lines[-30:]))
+    ran = any(f"Running stage '{stage}'" in ln for ln in lines)
+    result = {"stage": stage, "ran": ran, "seconds": round(time.time() - t0, 1)}
+    return Completed(data=result, name="Completed" if ran else "UpToDate",
+                     message=f"ran in {result['seconds']} s" if ran else "up to date (DVC skipped it)")
+
+
+def apply_overrides(repo: str, overrides: dict | None) -> None:
+    """Write ``{"finetune.epsilon": 5}``-style overrides into params.yaml (as ``dvc exp run -S`` does)."""
+    if not overrides:
+        return
+    path = Path(repo) / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in overrides.items():
+        node = params
+        *head, last = dotted.split(".")
+        for key in head:
+            node = node[key]
+        if last not in node:
+            raise KeyError(f"override {dotted!r}: no such key in params.yaml")
+        node[last] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes."""
+    import re
+
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-")
+
+
+def read_metrics(repo: str) -> dict:
+    """The privacy ledger and the scores of the last run, from the stage outputs."""
+    root = Path(repo)
+    out = {}
+    ledger = root / "reports/dp_finetune/ledger.json"
+    if ledger.exists():
+        out["ledger"] = json.loads(ledger.read_text())
+    for stage in ("score_fid", "score_classifier", "reference"):
+        f = root / "dvclive" / stage / "metrics.json"
+        if f.exists():
+            out[stage] = json.loads(f.read_text())
+    return out
+
+
+def publish_artifacts(repo: str, results: list[dict]) -> dict:
+    m = read_metrics(repo)
+    keys = {}
+    create_table_artifact(key=artifact_key("dpldm-stages"), table=results, description="DVC stages: ran or up to date")
+    keys["stages"] = "dpldm-stages"
+    if "ledger" in m:
+        led = m["ledger"]
+        rows = [{"quantity": k, "value": led.get(k)} for k in
+                ("private", "epsilon_spent", "target_epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "epochs", "N",
+                 "K", "clip_norm", "accountant", "trainable_params", "trainable_share", "attempt", "epsilon_spent_all_attempts")]
+        create_table_artifact(key="dpldm-privacy-ledger", table=rows, description="Privacy ledger of dp_finetune")
+        keys["ledger"] = "dpldm-privacy-ledger"
+    scores = {**m.get("score_fid", {}), **m.get("score_classifier", {})}
+    if scores:
+        grid = (Path(repo) / "reports/sample/grid.png").resolve()
+        md = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in scores.items()]
+        md += ["", f"Sample grid: [{grid.name}]({grid.as_uri()})"]
+        create_markdown_artifact(key="dpldm-scores", markdown="\n".join(md), description="FID/KID and downstream accuracy")
+        keys["scores"] = "dpldm-scores"
+    return keys
+
+
+@flow(name="dpldm-pipeline", log_prints=True)
+def dpldm_pipeline(repo: str = ".", overrides: dict | None = None) -> list[dict]:
+    """Run every DVC stage as its own task, in DVC's order; publish the ledger and scores."""
+    repo = str(Path(repo).resolve())
+    apply_overrides(repo, overrides)
+    results = []
+    for stage in stage_order(repo):
+        state = run_stage(stage, repo, return_state=True)
+        results.append(state.result())
+    publish_artifacts(repo, results)
+    return results
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repo", default=".")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override, e.g. finetune.epsilon=5")
+    args = ap.parse_args(argv)
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    for r in dpldm_pipeline(repo=args.repo, overrides=overrides):
+        print(f"{r['stage']:>18}: {'ran' if r['ran'] else 'up to date'} ({r['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

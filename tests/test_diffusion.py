@@ -1,0 +1,53 @@
+import torch
+
+from dpldm.config import LDMConfig
+from dpldm.diffusion import ddim_sample, eps_loss, expand_rows, make_scheduler
+
+
+def test_expand_rows_is_example_major():
+    x = torch.tensor([10, 20, 30])
+    (out,) = expand_rows(x, k=2)
+    assert out.tolist() == [10, 10, 20, 20, 30, 30]
+
+
+def test_official_schedule_is_linear_in_sqrt_beta():
+    s = make_scheduler(LDMConfig())
+    sb = s.betas.sqrt()
+    assert torch.allclose(sb[0] ** 2, torch.tensor(0.0015)) and torch.allclose(sb[-1] ** 2, torch.tensor(0.0155))
+    d = sb[1:] - sb[:-1]
+    assert torch.allclose(d, d.mean().expand_as(d), atol=1e-7)
+
+
+def test_ddim_with_perfect_denoiser_returns_the_point_mass():
+    s = make_scheduler(LDMConfig())
+    c = torch.tensor([0.7, -1.2, 0.3, 2.0]).view(1, 4, 1, 1)
+    ab = s.alphas_cumprod
+
+    def perfect(z, t, y):  # data = point mass at c: eps = (z - sqrt(ab) c) / sqrt(1 - ab)
+        a = ab[t].view(-1, 1, 1, 1)
+        return (z - a.sqrt() * c) / (1 - a).sqrt()
+
+    for eta in (0.0, 1.0):
+        z = ddim_sample(perfect, torch.zeros(3, dtype=torch.long), shape=(4, 1, 1), scheduler=s, steps=10, eta=eta,
+                        generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(z, c.expand(3, -1, -1, -1), atol=1e-4)
+
+
+def test_guidance_combines_conditional_and_null():
+    s = make_scheduler(LDMConfig())
+    calls = []
+
+    def model(z, t, y):
+        calls.append(y.clone())
+        return torch.zeros_like(z)
+
+    ddim_sample(model, torch.tensor([1, 2]), shape=(1, 1, 1), scheduler=s, steps=2, eta=0.0, guidance_scale=2.0, null_class=10)
+    assert calls[0].tolist() == [1, 2, 10, 10]
+
+
+def test_eps_loss_k_average_equals_mean_of_rows():
+    s = make_scheduler(LDMConfig())
+    model = lambda z, t, y: z * 0.5
+    z0, y = torch.randn(3, 2, 2, 2), torch.tensor([0, 1, 2])
+    per_example = eps_loss(model, z0, y, scheduler=s, generator=torch.Generator().manual_seed(0), k=4)
+    assert per_example.shape == (3,)

@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from dpldm.config import AEConfig, LDMConfig
+from dpldm.models import attention_modules, build_autoencoder, build_ldm, latent_shape, preset
+
+
+@pytest.mark.parametrize("name,latent", [("mnist", (3, 4, 4)), ("cifar10", (3, 16, 16)), ("celeba32", (3, 16, 16))])
+def test_ae_presets_shapes(name, latent):
+    ae_cfg, _, c, size = preset(name)
+    ae = build_autoencoder(ae_cfg, channels=c, image_size=size)
+    with torch.no_grad():
+        z = ae.encode(torch.zeros(2, c, size, size)).latent_dist.mean
+        x = ae.decode(z).sample
+    assert tuple(z.shape[1:]) == latent == latent_shape(ae_cfg, image_size=size)
+    assert x.shape == (2, c, size, size)
+
+
+def test_embedded_default_ae_is_32_to_8x8x4():
+    ae = build_autoencoder(AEConfig(), channels=1, image_size=32)
+    with torch.no_grad():
+        assert ae.encode(torch.zeros(1, 1, 32, 32)).latent_dist.mean.shape == (1, 4, 8, 8)
+
+
+@pytest.mark.parametrize("name,count,latent", [("mnist", 7, (3, 4, 4)), ("cifar10", 16, (3, 16, 16))])
+def test_attention_count_of_paper_presets(name, count, latent):
+    _, ldm_cfg, _, _ = preset(name)
+    model = build_ldm(ldm_cfg, latent_channels=latent[0], latent_size=latent[1])
+    mods = attention_modules(model)
+    assert len(mods) == count
+    with torch.no_grad():
+        out = model(torch.zeros(1, *latent), torch.tensor([10]), torch.tensor([1]))
+    assert out.shape == (1, *latent)
+
+
+def test_attention_numbering_follows_forward_order():
+    model = build_ldm(LDMConfig(), latent_channels=4, latent_size=8)
+    mods = attention_modules(model)
+    assert [m.index for m in mods] == list(range(1, 8))
+    assert mods[2].name == "unet.mid_block.attentions.0"  # after 2 down modules, before the 4 up modules
+    visited = []
+    hooks = [dict(model.named_modules())[m.name].register_forward_hook(lambda mod, i, o, n=m.name: visited.append(n)) for m in mods]
+    with torch.no_grad():
+        model(torch.zeros(1, 4, 8, 8), torch.tensor([5]), torch.tensor([0]))
+    for h in hooks:
+        h.remove()
+    assert visited == [m.name for m in mods]
+    assert all(m.num_params > 0 for m in mods)
+
+
+def test_opacus_validator_passes():
+    from opacus.validators import ModuleValidator
+
+    model = build_ldm(LDMConfig(), latent_channels=4, latent_size=8)
+    assert ModuleValidator.validate(model, strict=False) == []
+
+
+def test_checkpoint_roundtrip_identical_outputs(tmp_path):
+    from stages.common import save_model
+    from dpldm.config import to_dict
+    from stages.pretrain_ldm import load_ldm
+
+    cfg = LDMConfig()
+    model = build_ldm(cfg, latent_channels=4, latent_size=8).eval()
+    save_model(tmp_path / "m", state_dict=model.state_dict(), config=to_dict(cfg), extra={"latent_shape": [4, 8, 8]})
+    loaded, _, _ = load_ldm(tmp_path / "m")
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), loaded.eval()(x, t, y))
+
+
+def test_checkpoint_of_other_architecture_is_refused(tmp_path):
+    from stages.common import save_model
+    from dpldm.config import to_dict
+    from stages.pretrain_ldm import load_ldm
+
+    model = build_ldm(LDMConfig(), latent_channels=4, latent_size=8)
+    save_model(tmp_path / "m", state_dict=model.state_dict(), config=to_dict(LDMConfig(block_out_channels=(32, 32))),
+               extra={"latent_shape": [4, 8, 8]})
+    with pytest.raises(RuntimeError, match="does not match the architecture"):
+        load_ldm(tmp_path / "m")
