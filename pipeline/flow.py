@@ -28,6 +28,12 @@ def dvc_bin() -> str:
     return str(Path(sys.executable).parent / "dvc")
 
 
+def stage_env() -> dict:
+    """The stage commands' ``python`` is this interpreter (the project's venv), activated or not."""
+    path = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    return {**os.environ, "PATH": path, "DPLDM_PROGRESS": "0", "DVC_NO_ANALYTICS": "1"}
+
+
 def stage_order(repo: str | os.PathLike = ".") -> list[str]:
     """Stages of dvc.yaml in a topological order of their deps/outs (ties kept in file order)."""
     stages = yaml.safe_load((Path(repo) / "dvc.yaml").read_text())["stages"]
@@ -71,7 +77,7 @@ def run_stage(stage: str, repo: str) -> Completed:
     logger = get_run_logger()
     t0 = time.time()
     proc = subprocess.Popen([dvc_bin(), "repro", "--single-item", stage], cwd=repo, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "DPLDM_PROGRESS": "0"})
+                            stderr=subprocess.STDOUT, text=True, env=stage_env())
     lines = []
     for line in proc.stdout:
         line = line.rstrip()

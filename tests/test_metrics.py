@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+import torch
+
+from dpldm.metrics import SmallCNN, fidelity, register_domain_extractor
+from stages.common import ConfigError
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    torch.manual_seed(0)
+    cnn = SmallCNN(channels=1, image_size=16, num_classes=10)
+    return register_domain_extractor(cnn.state_dict(), channels=1, image_size=16, num_classes=10)
+
+
+def digits(n, seed):
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 16, 16, 1), np.uint8)
+    for i in range(n):
+        r, c = rng.integers(2, 10, size=2)
+        x[i, r:r + 5, c:c + 3] = 220
+    return x
+
+
+def test_domain_extractor_registers_with_declared_features(extractor):
+    from torch_fidelity.utils import create_feature_extractor
+
+    fe = create_feature_extractor(extractor, ["feat", "logits"], cuda=False)
+    feat, logits = fe(torch.zeros(3, 3, 16, 16, dtype=torch.uint8))
+    assert feat.shape == (3, SmallCNN.feature_dim) and logits.shape == (3, 10)
+    # same weights register under the same name
+    assert register_domain_extractor(fe.cnn.state_dict(), channels=1, image_size=16, num_classes=10) == extractor
+
+
+def test_fid_and_kid_of_a_set_against_itself_is_zero_and_grow_with_noise(extractor):
+    real = digits(300, 0)
+    same = fidelity(real, real, extractor=extractor, tag="domain", kid_subset_size=100)
+    assert abs(same["fid_domain"]) < 1e-3 and abs(same["kid_domain_mean"]) < 1e-3
+    scores = []
+    for sigma in (20, 80):
+        noisy = np.clip(real.astype(np.float32) + np.random.default_rng(1).normal(0, sigma, real.shape), 0, 255).astype(np.uint8)
+        scores.append(fidelity(noisy, real, extractor=extractor, tag="domain", kid_subset_size=100))
+    assert 1e-3 < scores[0]["fid_domain"] < scores[1]["fid_domain"]
+    assert scores[0]["kid_domain_mean"] < scores[1]["kid_domain_mean"]
+    assert set(same) == {"fid_domain", "kid_domain_mean", "kid_domain_std"}  # never a bare 'fid'
+
+
+def test_missing_inception_weights_give_the_documented_error(tmp_path):
+    from dpldm.config import FIDConfig
+    from stages.score_fid import inception_weights
+
+    with pytest.raises(ConfigError) as err:
+        inception_weights(FIDConfig(extractor="inception-v3-compat", inception_weights=str(tmp_path / "nope.pth")))
+    msg = str(err.value)
+    assert "weights-inception-2015-12-05-6726825d.pth" in msg and "fid.extractor: domain" in msg and "fid.inception_weights" in msg
+    (tmp_path / "w.pth").write_bytes(b"x")
+    assert inception_weights(FIDConfig(extractor="inception-v3-compat", inception_weights=str(tmp_path / "w.pth"))).endswith("w.pth")
+
+
+def test_classifier_selection_never_reads_the_real_test_split():
+    """fit_and_score must make every choice before it calls read_test; a read_test that records
+    what was fitted by then proves it."""
+    import stages.classify as classify
+    from dpldm.config import ClassifierConfig
+
+    x = digits(200, 2)
+    y = np.arange(200) % 10
+    events = []
+    real_train, real_fit = classify.train_cnn, classify.fit_sklearn
+    classify.train_cnn = lambda *a, **k: (events.append("cnn"), real_train(*a, **k))[1]
+    classify.fit_sklearn = lambda *a, **k: (events.append(a[0]), real_fit(*a, **k))[1]
+    try:
+        def read_test():
+            events.append("test")
+            return digits(50, 3), np.arange(50) % 10
+
+        metrics, cm = classify.fit_and_score(ClassifierConfig(cnn_epochs=1, seeds=2, mlp_max_iter=5, mlp_hidden=8), x, y,
+                                             read_test, num_classes=10, seed=0)
+    finally:
+        classify.train_cnn, classify.fit_sklearn = real_train, real_fit
+    assert events == ["cnn", "cnn", "mlp", "logreg", "test"]
+    assert 0 <= metrics["cnn_accuracy"] <= 1 and cm.sum() == 50

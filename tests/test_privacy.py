@@ -1,0 +1,156 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+
+from dpldm.config import FinetuneConfig, LDMConfig
+from dpldm.diffusion import expand_rows, make_scheduler, q_sample
+from dpldm.models import attention_modules, build_ldm
+from dpldm.privacy import (KAveragedDPOptimizer, PrivacyConfigError, epsilon_of, plan_dp, select_trainable,
+                           validate_plan_inputs)
+
+CFG = LDMConfig(block_out_channels=(32, 32))
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return build_ldm(CFG, latent_channels=4, latent_size=4)
+
+
+def rows(b, k, seed=0, tile=False):
+    """B examples, K (t, noise) draws each; example-major unless ``tile``."""
+    g = torch.Generator().manual_seed(seed)
+    z0, y = torch.randn(b, 4, 4, 4, generator=g), torch.arange(b) % 10
+    if tile:
+        z0, y = z0.repeat(k, 1, 1, 1), y.repeat(k)
+    else:
+        z0, y = expand_rows(z0, y, k=k)
+    t = torch.randint(0, 1000, (b * k,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    return q_sample(make_scheduler(CFG), z0, noise, t), t, y, noise
+
+
+def per_row_loss(model, zt, t, y, noise):
+    return F.mse_loss(model(zt, t, y), noise, reduction="none").flatten(1).mean(1)
+
+
+def explicit_clipped_sum(model, names, b, k, clip, seed=0):
+    """Reference: per example, autograd of its K-averaged loss, clipped, summed."""
+    zt, t, y, noise = rows(b, k, seed)
+    params = dict(model.named_parameters())
+    total = {n: torch.zeros_like(params[n]) for n in names}
+    for i in range(b):
+        sl = slice(i * k, (i + 1) * k)
+        loss = per_row_loss(model, zt[sl], t[sl], y[sl], noise[sl]).mean()
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        for n, g in zip(names, grads):
+            total[n] += factor * g
+    return total
+
+
+def dp_clipped_sum(model, b, k, clip, seed=0, tile=False):
+    gsm = GradSampleModule(model, loss_reduction="mean")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = KAveragedDPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
+                               expected_batch_size=b, noise_multiplicity=k)
+    zt, t, y, noise = rows(b, k, seed, tile=tile)
+    per_row_loss(gsm, zt, t, y, noise).mean().backward()
+    opt.clip_and_accumulate()
+    return {n: p.summed_grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_per_example_clipped_gradients_match_explicit_autograd(k):
+    model = tiny_model()
+    names = select_trainable(model, mode="attention", layers=(2, 5), train_embedder=True)
+    ref_model = copy.deepcopy(model)
+    clip = 1e-3  # small enough that every example is clipped: norms must be per example, after K-averaging
+    got = dp_clipped_sum(model, b=4, k=k, clip=clip)
+    want = explicit_clipped_sum(ref_model, names, b=4, k=k, clip=clip)
+    assert set(got) == set(names)
+    for n in names:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-9)
+
+
+def test_tiled_rows_would_break_the_equivalence():
+    """The test above can fail: tiling (repeat) instead of example-major rows mixes examples."""
+    model = tiny_model()
+    names = select_trainable(model, mode="attention", layers=(1, 7), train_embedder=True)
+    ref_model = copy.deepcopy(model)
+    got = dp_clipped_sum(model, b=4, k=3, clip=1e-3, tile=True)
+    want = explicit_clipped_sum(ref_model, names, b=4, k=3, clip=1e-3)
+    assert any(not torch.allclose(got[n], want[n], rtol=1e-3, atol=1e-9) for n in names)
+
+
+def test_dp_step_without_noise_or_clipping_equals_plain_step():
+    model_dp, model_plain = tiny_model(), tiny_model()
+    for m in (model_dp, model_plain):
+        select_trainable(m, mode="attention", layers=(1, 7), train_embedder=True)
+    gsm = GradSampleModule(model_dp, loss_reduction="mean")
+    p_dp = [p for p in model_dp.parameters() if p.requires_grad]
+    p_plain = [p for p in model_plain.parameters() if p.requires_grad]
+    opt_dp = KAveragedDPOptimizer(torch.optim.SGD(p_dp, lr=10.0), noise_multiplier=0.0, max_grad_norm=1e6,
+                                  expected_batch_size=5, noise_multiplicity=2)
+    opt_plain = torch.optim.SGD(p_plain, lr=10.0)  # SGD: Adam's first step hides gradient errors
+    zt, t, y, noise = rows(5, 2)
+    per_row_loss(gsm, zt, t, y, noise).mean().backward()
+    opt_dp.step()
+    per_row_loss(model_plain, zt, t, y, noise).mean().backward()
+    opt_plain.step()
+    for a, b in zip(model_dp.state_dict().values(), model_plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_empty_poisson_batch_takes_a_noise_only_step():
+    model = tiny_model()
+    select_trainable(model, mode="attention", layers=(1, 1), train_embedder=False)
+    GradSampleModule(model, loss_reduction="mean")
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = KAveragedDPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
+                               expected_batch_size=4, noise_multiplicity=3)
+    for p in params:
+        p.grad_sample = torch.zeros(0, *p.shape)
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+
+
+def test_selection_freezes_everything_else():
+    model = tiny_model()
+    names = select_trainable(model, mode="attention", layers=(3, 3), train_embedder=True)
+    mid = attention_modules(model)[2].name
+    assert names and all(n.startswith(mid + ".") or n.startswith("class_embedder.") for n in names)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(names)
+    assert select_trainable(model, mode="none", layers=(1, 1), train_embedder=True) == []
+    assert len(select_trainable(model, mode="full", layers=(1, 1), train_embedder=True)) == len(list(model.parameters()))
+
+
+def test_bad_layer_range_lists_the_modules():
+    with pytest.raises(PrivacyConfigError) as err:
+        select_trainable(tiny_model(), mode="attention", layers=(5, 9), train_embedder=True)
+    msg = str(err.value)
+    assert "finetune.layers" in msg and "unet.mid_block.attentions.0" in msg and "7 attention modules" in msg
+
+
+def test_delta_and_batch_checks_name_the_key():
+    with pytest.raises(PrivacyConfigError, match="finetune.delta"):
+        validate_plan_inputs(FinetuneConfig(delta=1e-3), n=4000)
+    with pytest.raises(PrivacyConfigError, match="finetune.batch_size"):
+        validate_plan_inputs(FinetuneConfig(batch_size=5000), n=4000)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_calibrated_noise_reaches_target_epsilon(accountant):
+    cfg = FinetuneConfig(epsilon=10.0, delta=1e-5, epochs=30, batch_size=250, accountant=accountant)
+    plan = plan_dp(cfg, n=4000)
+    assert plan.sample_rate == 1 / 16 and plan.steps == 480
+    eps = epsilon_of(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps, delta=1e-5,
+                     accountant=accountant)
+    assert 9.8 <= eps <= 10.0
+    # less noise would overspend
+    assert epsilon_of(noise_multiplier=plan.noise_multiplier * 0.95, sample_rate=plan.sample_rate, steps=plan.steps,
+                      delta=1e-5, accountant=accountant) > 10.0
