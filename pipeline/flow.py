@@ -153,15 +153,20 @@ def publish_artifacts(repo: str, results: list[dict]) -> dict:
 
 
 @flow(name="dpldm-pipeline", log_prints=True)
-def dpldm_pipeline(repo: str = ".", overrides: dict | None = None) -> list[dict]:
-    """Run every DVC stage as its own task, in DVC's order; publish the ledger and scores."""
+def dpldm_pipeline(repo: str = ".", overrides: dict | None = None, pull: bool = False, push: bool = False) -> list[dict]:
+    """Run every DVC stage as its own task, in DVC's order; publish the ledger and scores.
+    ``pull``/``push``: fetch/share artifacts through the DVC remote (GPU workers)."""
     repo = str(Path(repo).resolve())
     apply_overrides(repo, overrides)
+    if pull:
+        subprocess.run([dvc_bin(), "pull", "--allow-missing"], cwd=repo, env=stage_env(), check=False)
     results = []
     for stage in stage_order(repo):
         state = run_stage(stage, repo, return_state=True)
         results.append(state.result())
     publish_artifacts(repo, results)
+    if push:
+        subprocess.run([dvc_bin(), "push"], cwd=repo, env=stage_env(), check=True)
     return results
 
 

@@ -102,3 +102,22 @@ def test_changing_ldm_params_does_not_rerun_autoencoder_or_encoding(tiny_pipelin
     set_param(tiny_pipeline, "ldm.lr", 0.002)
     ran = flow_run(tiny_pipeline)
     assert {s for s, r in ran.items() if r} == {"pretrain_ldm"} | DOWNSTREAM_OF_FINETUNE
+
+
+def test_sweep_over_two_epsilons_builds_table_and_plot(tiny_pipeline, harness):
+    from helpers import run as sh
+    from pipeline.sweep import comparison, run_sweep, settings_of, write_outputs
+
+    sh(["git", "add", "-A"], tiny_pipeline)
+    sh(["git", "commit", "-qm", "built"], tiny_pipeline)
+    settings = settings_of([2.0, 8.0], [], [])
+    run_sweep(settings, repo=str(tiny_pipeline))
+    df = comparison([n for n, _ in settings], repo=str(tiny_pipeline))
+    assert df["experiment"].tolist() == ["eps2", "eps8"]
+    assert [float(e) for e in df["epsilon_target"]] == [2.0, 8.0]
+    spent = [float(e) for e in df["epsilon_spent"]]
+    assert spent[0] < spent[1] <= 8.0 and spent[0] <= 2.0
+    led = json.loads((tiny_pipeline / "reports/dp_finetune/ledger.json").read_text())  # the last experiment's, applied
+    assert spent[1] == pytest.approx(led["epsilon_spent"], rel=1e-6)
+    files = write_outputs(df, tiny_pipeline / "reports/sweep")
+    assert all(os.path.getsize(f) > 0 for f in files.values())

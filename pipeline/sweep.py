@@ -1,0 +1,187 @@
+"""Experiments across privacy budgets (and layer ranges) with ``dvc exp``, then one comparison.
+
+    python -m pipeline.sweep --epsilons 1 5 10 [--layers 1-7 4-7] [--extra nonprivate:finetune.private=false]
+
+1. ``dvc repro`` of the shared upstream stages, once (so no experiment re-trains them);
+2. one ``dvc exp run -S finetune.epsilon=E -S finetune.layers=[i,j]`` per setting, serially
+   (one DVC lock per workspace);
+3. a comparison built from ``dvc.api.exp_show()`` -- the same numbers ``dvc exp show`` prints:
+   CSV + markdown table, and a privacy-utility plot (epsilon vs accuracy and vs FID, one line per
+   layer range). ``sweep_flow`` does the same as a Prefect flow with a table artifact.
+
+Every experiment is a separate release of a model trained on the same private data: their epsilons
+add up (basic composition) if more than one is published.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+UPSTREAM = ("pretrain_ldm", "encode_private", "reference")
+COLUMNS = {  # table column -> dvc exp show column (metrics file:key, or params key)
+    "epsilon_target": "finetune.epsilon", "layers": "finetune.layers", "mode": "finetune.mode", "private": "finetune.private",
+    "epsilon_spent": "ledger.epsilon_spent", "noise_multiplier": "ledger.noise_multiplier", "steps": "ledger.steps",
+    "fid_domain": "fid_domain", "kid_domain_mean": "kid_domain_mean", "cnn_accuracy": "cnn_accuracy",
+    "mlp_accuracy": "mlp_accuracy", "logreg_accuracy": "logreg_accuracy",
+}
+
+
+def dvc(*args: str, repo: str = ".") -> subprocess.CompletedProcess:
+    from pipeline.flow import stage_env
+
+    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=stage_env(), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    print(proc.stdout[-3000:])
+    if proc.returncode:
+        raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode})")
+    return proc
+
+
+def settings_of(epsilons: list[float], layers: list[str], extra: list[str]) -> list[tuple[str, dict]]:
+    """[(experiment name, {param: value})]; ``layers`` like "1-7"; ``extra`` like "name:key=value,key=value"."""
+    out = []
+    for eps, lay in itertools.product(epsilons, layers or [None]):
+        s = {"finetune.epsilon": eps}
+        name = f"eps{eps:g}"
+        if lay:
+            i, j = (int(v) for v in lay.split("-"))
+            s["finetune.layers"] = [i, j]
+            name += f"-layers{i}-{j}"
+        out.append((name.replace(".", "p"), s))
+    for item in extra:
+        name, _, assigns = item.partition(":")
+        out.append((name, {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in assigns.split(","))}))
+    return out
+
+
+def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".") -> None:
+    dvc("repro", *UPSTREAM, repo=repo)
+    params_file = Path(repo) / "params.yaml"
+    original = params_file.read_text()
+    try:
+        for name, s in settings:
+            args = ["exp", "run", "--force", "-n", name]
+            for key, value in s.items():
+                args += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
+            dvc(*args, repo=repo)
+    finally:
+        params_file.write_text(original)  # the workspace's own params stay as they were
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def comparison(names: list[str] | None = None, *, repo: str = ".") -> pd.DataFrame:
+    """One row per experiment, from dvc.api.exp_show (what ``dvc exp show`` prints)."""
+    import dvc.api
+
+    rows = []
+    for rec in dvc.api.exp_show(repo=repo):
+        exp = rec.get("Experiment") or rec.get("rev")
+        if names is not None and exp not in names:
+            continue
+        flat = {}
+        for key, value in rec.items():
+            flat[key.split(":")[-1]] = value
+        row = {"experiment": exp}
+        for col, key in COLUMNS.items():
+            row[col] = flat.get(key)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if names is not None and not df.empty:
+        df["order"] = df["experiment"].map({n: i for i, n in enumerate(names)})
+        df = df.sort_values("order").drop(columns="order").drop_duplicates("experiment", keep="first")
+    return df.reset_index(drop=True)
+
+
+def plot(df: pd.DataFrame, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dp = df[(df["private"].astype(str).str.lower() != "false") & (df["mode"].astype(str) != "none")].copy()
+    dp["eps"] = pd.to_numeric(dp["epsilon_target"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for lay, part in dp.groupby(dp["layers"].astype(str)):
+        part = part.sort_values("eps")
+        axes[0].plot(part["eps"], 100 * pd.to_numeric(part["cnn_accuracy"]), "o-", label=f"layers {lay}")
+        axes[1].plot(part["eps"], pd.to_numeric(part["fid_domain"]), "o-", label=f"layers {lay}")
+    for _, r in df[df["private"].astype(str).str.lower() == "false"].iterrows():
+        axes[0].axhline(100 * float(r["cnn_accuracy"]), ls="--", c="gray", label="non-private")
+        axes[1].axhline(float(r["fid_domain"]), ls="--", c="gray", label="non-private")
+    for _, r in df[df["mode"].astype(str) == "none"].iterrows():
+        axes[0].axhline(100 * float(r["cnn_accuracy"]), ls=":", c="red", label="public only")
+        axes[1].axhline(float(r["fid_domain"]), ls=":", c="red", label="public only")
+    axes[0].set(xscale="log", xlabel="epsilon (target)", ylabel="CNN accuracy on real test (%)", title="utility")
+    axes[1].set(xscale="log", xlabel="epsilon (target)", ylabel="FID (domain extractor)", title="fidelity")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(df: pd.DataFrame, out_dir: str | Path) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "comparison.csv", index=False)
+    (out / "comparison.md").write_text(df.to_markdown(index=False, floatfmt=".4g") + "\n")
+    plot(df, out / "privacy_utility.png")
+    return {"csv": str(out / "comparison.csv"), "md": str(out / "comparison.md"), "png": str(out / "privacy_utility.png")}
+
+
+def sweep_flow_fn(epsilons: list[float], layers: list[str] | None = None, extra: list[str] | None = None, repo: str = ".",
+                  out_dir: str = "reports/sweep") -> dict:
+    from prefect.artifacts import create_table_artifact
+
+    settings = settings_of(epsilons, layers or [], extra or [])
+    run_sweep(settings, repo=repo)
+    df = comparison([n for n, _ in settings], repo=repo)
+    files = write_outputs(df, Path(repo) / out_dir)
+    create_table_artifact(key="dpldm-sweep", table=df.astype(str).to_dict("records"), description="dvc exp comparison")
+    return files
+
+
+def sweep_flow(*args, **kwargs):
+    from prefect import flow
+
+    return flow(name="dpldm-sweep", log_prints=True)(sweep_flow_fn)(*args, **kwargs)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 5.0, 10.0])
+    ap.add_argument("--layers", nargs="*", default=[], help="layer ranges like 1-7 4-7")
+    ap.add_argument("--extra", nargs="*", default=[], help="more experiments: name:key=value,key=value")
+    ap.add_argument("--out", default="reports/sweep")
+    ap.add_argument("--prefect", action="store_true", help="run as a Prefect flow (table artifact)")
+    ap.add_argument("--compare-only", action="store_true", help="skip running; rebuild the comparison")
+    args = ap.parse_args(argv)
+    settings = settings_of(args.epsilons, args.layers, args.extra)
+    if args.prefect:
+        print(sweep_flow(args.epsilons, args.layers, args.extra, out_dir=args.out))
+        return
+    if not args.compare_only:
+        run_sweep(settings)
+    df = comparison([n for n, _ in settings])
+    print(df.to_markdown(index=False, floatfmt=".4g"))
+    print(write_outputs(df, args.out))
+
+
+if __name__ == "__main__":
+    main()
