@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,8 +30,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/stage_times.md")
     ap.add_argument("--force", action="store_true", help="re-run stages that are up to date")
+    ap.add_argument("--stages", nargs="*", help="only these stages (default: all, in dvc.yaml order)")
     args = ap.parse_args()
-    stages = list(yaml.safe_load(Path("dvc.yaml").read_text())["stages"])
+    stages = args.stages or list(yaml.safe_load(Path("dvc.yaml").read_text())["stages"])
     dvc = str(Path(sys.executable).parent / "dvc")
     rows = []
     for stage in stages:

@@ -65,8 +65,11 @@ def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".") -> None:
     params_file = Path(repo) / "params.yaml"
     original = params_file.read_text()
     try:
+        existing = set(comparison(repo=repo)["experiment"]) if (Path(repo) / "dvc.lock").exists() else set()
         for name, s in settings:
-            args = ["exp", "run", "--force", "-n", name]
+            if name in existing:  # re-running a sweep replaces its experiments (not --force: that re-runs every stage)
+                dvc("exp", "remove", name, repo=repo)
+            args = ["exp", "run", "-n", name]
             for key, value in s.items():
                 args += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
             dvc(*args, repo=repo)

@@ -231,3 +231,11 @@ def live(folder):
         shutil.rmtree(folder)
     with Live(dir=str(folder), save_dvc_exp=False, dvcyaml=None) as lv:
         yield lv
+
+
+def log_live_metrics(folder, metrics: dict) -> None:
+    """A stage's scalar metrics (numbers and strings) into its DVCLive directory, in one go."""
+    with live(folder) as lv:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                lv.log_metric(key, value, plot=False)

@@ -7,7 +7,7 @@ import torch
 from dpldm.config import AEConfig, from_mapping, load_section
 from dpldm.data import images_to_tensor
 from dpldm.models import build_autoencoder
-from stages.common import live, load_model_files, read_images, save_npz, setup_runtime
+from stages.common import log_live_metrics, load_model_files, read_images, save_npz, setup_runtime
 from stages.pretrain_ae import encode_mean
 
 INPUTS = ("images", "ae")
@@ -38,7 +38,5 @@ def run_encode(params: dict, inputs: dict, outputs: dict) -> dict:
         metrics[f"{split}_count"] = len(y)
         metrics[f"{split}_latent_std"] = float(z.std()) if len(z) else 0.0
     save_npz(outputs["latents"], scale_factor=torch.tensor(scale).numpy(), **arrays)
-    with live(outputs["live"]) as lv:
-        for k, v in metrics.items():
-            lv.log_metric(k, v, plot=False)
+    log_live_metrics(outputs["live"], metrics)
     return metrics

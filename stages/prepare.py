@@ -8,7 +8,7 @@ import numpy as np
 
 from dpldm.config import load_section, to_dict
 from dpldm.data import load_source
-from stages.common import image_grid, live, save_png, seed_of, setup_runtime, write_images, write_json
+from stages.common import image_grid, log_live_metrics, save_png, seed_of, setup_runtime, write_images, write_json
 
 INPUTS: tuple[str, ...] = ()
 OUTPUTS = ("data", "manifest", "grid", "live")
@@ -39,7 +39,5 @@ def run_prepare(params: dict, outputs: dict, *, which: str) -> dict:
     save_png(outputs["grid"], image_grid(tr.images, tr.labels, per_class=12, num_classes=len(loaded.class_names)))
     metrics = {"n_train": len(tr), "n_test": len(te), "num_classes": len(loaded.class_names),
                "pixel_mean": float(tr.images.mean() / 255.0)}
-    with live(outputs["live"]) as lv:
-        for k, v in metrics.items():
-            lv.log_metric(k, v, plot=False)
+    log_live_metrics(outputs["live"], metrics)
     return metrics

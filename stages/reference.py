@@ -2,12 +2,11 @@
 extractor for FID. Depends on the private data only, so a new epsilon never re-runs it."""
 from __future__ import annotations
 
-import torch
 
-from dpldm.config import load_section, to_dict
+from dpldm.config import load_section
 from dpldm.metrics import SmallCNN, train_cnn
 from stages.classify import fit_and_score, split_validation
-from stages.common import live, read_images, save_model, seed_of, setup_runtime, stage_main, write_json
+from stages.common import log_live_metrics, read_images, save_model, seed_of, setup_runtime, stage_main, write_json
 
 INPUTS = ("private",)
 OUTPUTS = ("extractor", "metrics", "live")
@@ -30,10 +29,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     metrics = {f"real_{k_}": v for k_, v in metrics.items()}
     metrics["domain_extractor_val_accuracy"] = fit.val_accuracy
     write_json(outputs["metrics"], metrics)
-    with live(outputs["live"]) as lv:
-        for k_, v in metrics.items():
-            if isinstance(v, (int, float)):
-                lv.log_metric(k_, v, plot=False)
+    log_live_metrics(outputs["live"], metrics)
     return metrics
 
 

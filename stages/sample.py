@@ -7,7 +7,7 @@ import torch
 from dpldm.data import tensor_to_images
 from dpldm.diffusion import ddim_sample, make_scheduler
 from dpldm.config import load_section
-from stages.common import image_grid, live, progress, save_png, seed_of, setup_runtime, stage_main, write_images
+from stages.common import image_grid, log_live_metrics, progress, save_png, seed_of, setup_runtime, stage_main, write_images
 from stages.encode import load_autoencoder
 from stages.pretrain_ldm import load_ldm
 
@@ -41,9 +41,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     save_png(outputs["grid"], image_grid(images, y, per_class=12, num_classes=ldm_cfg.num_classes))
     metrics = {"num_samples": len(y), "ddim_steps": cfg.steps, "eta": cfg.eta, "guidance_scale": cfg.guidance_scale,
                "pixel_mean": float(images.mean() / 255.0)}
-    with live(outputs["live"]) as lv:
-        for k, v in metrics.items():
-            lv.log_metric(k, v, plot=False)
+    log_live_metrics(outputs["live"], metrics)
     return metrics
 
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from dpldm.config import load_section
 from stages.classify import fit_and_score
-from stages.common import live, read_images, read_json, seed_of, setup_runtime, stage_main
+from stages.common import log_live_metrics, read_images, read_json, seed_of, setup_runtime, stage_main
 
 INPUTS = ("samples", "private", "reference")
 OUTPUTS = ("confusion", "live")
@@ -28,10 +28,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     for name in ("cnn", "mlp", "logreg"):
         metrics[f"{name}_ratio_to_real"] = metrics[f"{name}_accuracy"] / max(ref[f"real_{name}_accuracy"], 1e-12)
     _save_confusion(outputs["confusion"], cm, meta["class_names"], metrics["cnn_accuracy"])
-    with live(outputs["live"]) as lv:
-        for key, v in metrics.items():
-            if isinstance(v, (int, float)):
-                lv.log_metric(key, v, plot=False)
+    log_live_metrics(outputs["live"], metrics)
     return metrics
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from dpldm.config import load_section
 from dpldm.metrics import INCEPTION_WEIGHTS_FILE, content_hash, fidelity, register_domain_extractor
-from stages.common import ConfigError, live, load_model_files, read_images, setup_runtime, stage_main
+from stages.common import ConfigError, log_live_metrics, load_model_files, read_images, setup_runtime, stage_main
 
 INPUTS = ("samples", "private", "extractor")
 OUTPUTS = ("cache", "live")
@@ -44,9 +43,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
                        precision_recall=cfg.precision_recall, cuda=device.type == "cuda", weights_path=weights,
                        cache_root=outputs["cache"], real_cache_name=f"private-train-{content_hash(real, real_y)}-{name}")
     metrics["fid_reference"] = "private train split"
-    with live(outputs["live"]) as lv:
-        for k, v in metrics.items():
-            lv.log_metric(k, v, plot=False)
+    log_live_metrics(outputs["live"], metrics)
     return metrics
 
 
