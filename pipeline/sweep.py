@@ -60,15 +60,20 @@ def settings_of(epsilons: list[float], layers: list[str], extra: list[str]) -> l
     return out
 
 
-def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".") -> None:
+def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".", rerun: bool = False) -> None:
+    """Runs each setting as a named experiment; one that already exists is kept (an interrupted
+    sweep resumes) unless ``rerun``."""
     dvc("repro", *UPSTREAM, repo=repo)
     params_file = Path(repo) / "params.yaml"
     original = params_file.read_text()
     try:
         existing = set(comparison(repo=repo)["experiment"]) if (Path(repo) / "dvc.lock").exists() else set()
         for name, s in settings:
-            if name in existing:  # re-running a sweep replaces its experiments (not --force: that re-runs every stage)
-                dvc("exp", "remove", name, repo=repo)
+            if name in existing:
+                if not rerun:
+                    print(f"sweep: experiment {name} exists, kept (--rerun to replace it)")
+                    continue
+                dvc("exp", "remove", name, repo=repo)  # not `exp run --force`: that re-runs every stage
             args = ["exp", "run", "-n", name]
             for key, value in s.items():
                 args += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
@@ -95,7 +100,9 @@ def comparison(names: list[str] | None = None, *, repo: str = ".") -> pd.DataFra
     rows = []
     for rec in dvc.api.exp_show(repo=repo):
         exp = rec.get("Experiment") or rec.get("rev")
-        if names is not None and exp not in names:
+        if rec.get("typ") == "baseline":
+            exp = f"baseline@{rec.get('rev')}"  # the committed run the experiments branch from
+        elif names is not None and exp not in names:
             continue
         flat = {}
         for key, value in rec.items():
@@ -106,7 +113,7 @@ def comparison(names: list[str] | None = None, *, repo: str = ".") -> pd.DataFra
         rows.append(row)
     df = pd.DataFrame(rows)
     if names is not None and not df.empty:
-        df["order"] = df["experiment"].map({n: i for i, n in enumerate(names)})
+        df["order"] = df["experiment"].map({n: i for i, n in enumerate(names)}).fillna(-1)
         df = df.sort_values("order").drop(columns="order").drop_duplicates("experiment", keep="first")
     return df.reset_index(drop=True)
 
@@ -174,13 +181,14 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="reports/sweep")
     ap.add_argument("--prefect", action="store_true", help="run as a Prefect flow (table artifact)")
     ap.add_argument("--compare-only", action="store_true", help="skip running; rebuild the comparison")
+    ap.add_argument("--rerun", action="store_true", help="replace experiments of the same name instead of keeping them")
     args = ap.parse_args(argv)
     settings = settings_of(args.epsilons, args.layers, args.extra)
     if args.prefect:
         print(sweep_flow(args.epsilons, args.layers, args.extra, out_dir=args.out))
         return
     if not args.compare_only:
-        run_sweep(settings)
+        run_sweep(settings, rerun=args.rerun)
     df = comparison([n for n, _ in settings])
     print(df.to_markdown(index=False, floatfmt=".4g"))
     print(write_outputs(df, args.out))
