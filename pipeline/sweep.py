@@ -97,11 +97,14 @@ def comparison(names: list[str] | None = None, *, repo: str = ".") -> pd.DataFra
     """One row per experiment, from dvc.api.exp_show (what ``dvc exp show`` prints)."""
     import dvc.api
 
-    rows = []
+    rows, baseline_seen = [], False
     for rec in dvc.api.exp_show(repo=repo):
         exp = rec.get("Experiment") or rec.get("rev")
         if rec.get("typ") == "baseline":
-            exp = f"baseline@{rec.get('rev')}"  # the committed run the experiments branch from
+            if baseline_seen or rec.get("rev") == "workspace":  # the workspace row may hold a half-applied experiment
+                continue
+            baseline_seen = True
+            exp = f"baseline@{rec.get('rev')}"  # the committed run the experiments branch from (HEAD)
         elif names is not None and exp not in names:
             continue
         flat = {}

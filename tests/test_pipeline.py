@@ -113,8 +113,9 @@ def test_sweep_over_two_epsilons_builds_table_and_plot(tiny_pipeline, harness):
     settings = settings_of([2.0, 8.0], [], [])
     run_sweep(settings, repo=str(tiny_pipeline))
     full = comparison([n for n, _ in settings], repo=str(tiny_pipeline))
-    assert full["experiment"].iloc[0].startswith("baseline@")  # the committed run, as `dvc exp show` lists it
-    df = full.iloc[1:].reset_index(drop=True)
+    is_base = full["experiment"].str.startswith("baseline@")
+    assert is_base.sum() == 1  # the committed run the experiments branch from, as `dvc exp show` lists it
+    df = full[~is_base].reset_index(drop=True)
     assert df["experiment"].tolist() == ["eps2", "eps8"]
     assert [float(e) for e in df["epsilon_target"]] == [2.0, 8.0]
     spent = [float(e) for e in df["epsilon_spent"]]

@@ -1,0 +1,72 @@
+"""Seconds per training step of the AE and the latent UNet at params.yaml's shapes and batch sizes,
+and the pretraining time they imply (steps from params.yaml). Random inputs: timing only.
+
+    python benchmarks/pretrain_step.py [--steps 5] [--out benchmarks/results/pretrain_step.md]"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from dpldm.config import load_all
+from dpldm.diffusion import eps_loss, make_scheduler
+from dpldm.models import build_autoencoder, build_ldm, latent_shape
+
+
+def timed(step, n: int) -> float:
+    step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out", default="benchmarks/results/pretrain_step.md")
+    args = ap.parse_args()
+    c = load_all(yaml.safe_load(Path("params.yaml").read_text()))
+    torch.set_num_threads(c["runtime"].threads or torch.get_num_threads())
+    pub = c["data"].public
+    ae = build_autoencoder(c["ae"], channels=pub.channels, image_size=pub.image_size)
+    opt = torch.optim.AdamW(ae.parameters(), lr=1e-3)
+    x = torch.randn(c["ae"].batch_size, pub.channels, pub.image_size, pub.image_size)
+
+    def ae_step():
+        post = ae.encode(x).latent_dist
+        loss = F.l1_loss(ae.decode(post.sample()).sample, x) + c["ae"].kl_weight * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    lat = latent_shape(c["ae"], image_size=pub.image_size)
+    ldm = build_ldm(c["ldm"], latent_channels=lat[0], latent_size=lat[1])
+    opt2 = torch.optim.AdamW(ldm.parameters(), lr=1e-3)
+    z, y = torch.randn(c["ldm"].batch_size, *lat), torch.randint(0, 10, (c["ldm"].batch_size,))
+    sched = make_scheduler(c["ldm"])
+
+    def ldm_step():
+        loss = eps_loss(ldm, z, y, scheduler=sched).mean()
+        opt2.zero_grad()
+        loss.backward()
+        opt2.step()
+
+    n_train = pub.count - (pub.n_test or round(pub.test_fraction * pub.count))
+    ae_steps = c["ae"].epochs * math.ceil(n_train / c["ae"].batch_size)
+    rows = [("pretrain_ae", c["ae"].batch_size, timed(ae_step, args.steps), ae_steps),
+            ("pretrain_ldm", c["ldm"].batch_size, timed(ldm_step, args.steps), c["ldm"].steps)]
+    lines = ["| stage | batch | s / step | steps (params.yaml) | implied training time (min) |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {s} | {b} | {t:.2f} | {n} | {t * n / 60:.1f} |" for s, b, t, n in rows]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
