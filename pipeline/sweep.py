@@ -93,12 +93,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def comparison(names: list[str] | None = None, *, repo: str = ".") -> pd.DataFrame:
-    """One row per experiment, from dvc.api.exp_show (what ``dvc exp show`` prints)."""
+def comparison(names: list[str] | None = None, *, repo: str = ".", num_commits: int = 1) -> pd.DataFrame:
+    """One row per experiment, from dvc.api.exp_show (what ``dvc exp show`` prints); experiments
+    branched from the last ``num_commits`` commits count."""
     import dvc.api
 
     rows, baseline_seen = [], False
-    for rec in dvc.api.exp_show(repo=repo):
+    for rec in dvc.api.exp_show(repo=repo, num=num_commits):
         exp = rec.get("Experiment") or rec.get("rev")
         if rec.get("typ") == "baseline":
             if baseline_seen or rec.get("rev") == "workspace":  # the workspace row may hold a half-applied experiment
@@ -184,6 +185,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="reports/sweep")
     ap.add_argument("--prefect", action="store_true", help="run as a Prefect flow (table artifact)")
     ap.add_argument("--compare-only", action="store_true", help="skip running; rebuild the comparison")
+    ap.add_argument("--num-commits", type=int, default=1, help="also list experiments branched from older commits")
     ap.add_argument("--rerun", action="store_true", help="replace experiments of the same name instead of keeping them")
     args = ap.parse_args(argv)
     settings = settings_of(args.epsilons, args.layers, args.extra)
@@ -192,7 +194,7 @@ def main(argv=None) -> None:
         return
     if not args.compare_only:
         run_sweep(settings, rerun=args.rerun)
-    df = comparison([n for n, _ in settings])
+    df = comparison([n for n, _ in settings], num_commits=args.num_commits)
     print(df.to_markdown(index=False, floatfmt=".4g"))
     print(write_outputs(df, args.out))
 
