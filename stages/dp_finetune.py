@@ -8,7 +8,6 @@ the accountant's history, and a fresh start on the same data is counted as anoth
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import time
@@ -25,7 +24,7 @@ from dpldm.config import load_section, to_dict
 from dpldm.diffusion import eps_loss, make_scheduler
 from dpldm.models import attention_modules
 from dpldm.privacy import PrivacyConfigError, make_private, plan_dp, select_trainable, validate_plan_inputs
-from stages.common import (ConfigError, atomic_path, live, progress, read_json, save_model, seed_of, setup_runtime,
+from stages.common import (ConfigError, atomic_path, file_sha, live, progress, read_json, save_model, seed_of, setup_runtime,
                            stage_main, write_json)
 from stages.pretrain_ldm import load_ldm
 
@@ -40,10 +39,6 @@ def npz_rows(path, key: str) -> int:
         read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
         shape, _, _ = read_header(fh)
     return int(shape[0])
-
-
-def file_sha(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def run(params: dict, inputs: dict, outputs: dict) -> dict:

@@ -16,7 +16,7 @@ from diffusers.training_utils import EMAModel
 from dpldm.config import LDMConfig, from_mapping, load_section, to_dict
 from dpldm.diffusion import eps_loss, make_scheduler
 from dpldm.models import ConditionalUNet, attention_modules, build_ldm
-from stages.common import atomic_path, live, load_model_files, progress, save_model, seed_of, setup_runtime, stage_main
+from stages.common import atomic_path, file_sha, live, load_model_files, progress, save_model, seed_of, setup_runtime, stage_main
 
 INPUTS = ("latents",)
 OUTPUTS = ("model", "checkpoint", "live")
@@ -62,7 +62,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     g = torch.Generator().manual_seed(seed)
     step = 0
     ckpt = Path(outputs["checkpoint"]) / "state.pt"
-    run_key = {"ldm": to_dict(cfg), "latents_sha": _sha(inputs["latents"]), "seed": seed}
+    run_key = {"ldm": to_dict(cfg), "latents_sha": file_sha(inputs["latents"]), "seed": seed}
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if state["run_key"] == run_key:
@@ -124,12 +124,6 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     save_model(outputs["model"], state_dict=model.cpu().state_dict(), config=to_dict(cfg),
                extra={"latent_shape": list(shape), "attention_modules": [m.__dict__ for m in mods]})
     return metrics
-
-
-def _sha(path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def main(argv=None) -> None:

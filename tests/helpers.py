@@ -55,13 +55,9 @@ def tiny_repo(dest: Path) -> Path:
 
 
 def set_param(repo: Path, dotted: str, value) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    node = params
-    *head, last = dotted.split(".")
-    for k in head:
-        node = node[k]
-    node[last] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    from pipeline.flow import apply_overrides
+
+    apply_overrides(str(repo), {dotted: value})
 
 
 def dvc_stale(repo: Path) -> set[str]:
