@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 from .config import DatasetConfig
 
@@ -70,43 +70,70 @@ def font_files() -> list[Path]:
     return good
 
 
+def mnist_normalize(glyph: np.ndarray, *, box: int = 20, size: int = 28) -> np.ndarray:
+    """MNIST's own preprocessing (LeCun et al.): fit the glyph's bounding box into ``box`` x ``box``
+    keeping its aspect ratio (anti-aliased), then paste it so that its centre of mass is the centre
+    of a ``size`` x ``size`` frame. A fixed, published rule: it uses nothing from private data."""
+    from scipy import ndimage
+
+    ys, xs = np.nonzero(glyph > 0.1 * glyph.max())
+    if len(ys) == 0:
+        raise ValueError("mnist_normalize: empty glyph")
+    crop = glyph[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    h, w = crop.shape
+    s = box / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    small = np.clip(np.asarray(Image.fromarray(crop.astype(np.float32)).resize((nw, nh), Image.Resampling.LANCZOS)), 0, 255)
+    cy, cx = ndimage.center_of_mass(small)
+    oy = min(max(int(round(size / 2 - cy)), 0), size - nh)
+    ox = min(max(int(round(size / 2 - cx)), 0), size - nw)
+    out = np.zeros((size, size), dtype=np.float32)
+    out[oy:oy + nh, ox:ox + nw] = small
+    return out
+
+
+def elastic_distort(image: np.ndarray, rng: np.random.Generator, *, alpha: float, sigma: float) -> np.ndarray:
+    """Simard et al. (2003) elastic distortion: a smoothed random displacement field of size alpha."""
+    from scipy import ndimage
+
+    dy, dx = (ndimage.gaussian_filter(rng.uniform(-1, 1, image.shape), sigma) * alpha for _ in range(2))
+    yy, xx = np.meshgrid(np.arange(image.shape[0]), np.arange(image.shape[1]), indexing="ij")
+    return ndimage.map_coordinates(image, [yy + dy, xx + dx], order=1)
+
+
 def render_font_digits(*, count: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` printed digits, balanced over classes, with random font, size, stroke, affine
-    jitter, blur and noise; white on black like MNIST. Deterministic for ``seed``."""
+    """``count`` printed digits, balanced over classes, white on black, in MNIST's format: random
+    font, stroke, slant/rotation/width and a mild elastic distortion, then MNIST's own size and
+    centre-of-mass normalisation (20x20 box in 28x28). Deterministic for ``seed``."""
     rng = np.random.default_rng(seed)
     fonts = font_files()
     if not fonts:
         raise DataSourceError("fontdigits: matplotlib ships no usable TrueType fonts in mpl-data/fonts/ttf")
-    big = 4 * size  # render large, then shrink: smooth strokes
+    big = 64  # render large, normalise down: smooth strokes
+    box = round(size * 20 / 28)
     labels = np.arange(count, dtype=np.int64) % 10
     rng.shuffle(labels)
     out = np.empty((count, size, size), dtype=np.uint8)
-    font_cache: dict[tuple[int, int], ImageFont.FreeTypeFont] = {}
+    font_cache: dict[int, ImageFont.FreeTypeFont] = {}
+    yy, xx = big / 2, big / 2
     for n, label in enumerate(labels):
         f = int(rng.integers(len(fonts)))
-        pt = int(rng.integers(int(0.55 * big), int(0.8 * big)))
-        font = font_cache.get((f, pt))
+        font = font_cache.get(f)
         if font is None:
-            font = font_cache[(f, pt)] = ImageFont.truetype(str(fonts[f]), pt)
+            font = font_cache[f] = ImageFont.truetype(str(fonts[f]), int(0.7 * big))
         img = Image.new("L", (big, big))
-        stroke = int(rng.integers(0, 4))
-        ImageDraw.Draw(img).text((big / 2, big / 2), str(label), fill=255, font=font, anchor="mm",
-                                 stroke_width=stroke, stroke_fill=255)
-        # affine jitter: rotation, shear, scale, translation about the centre
-        angle = np.deg2rad(rng.uniform(-12, 12))
-        shear = rng.uniform(-0.25, 0.25)
-        scale = rng.uniform(0.85, 1.1)
-        tx, ty = rng.uniform(-0.08, 0.08, size=2) * big
-        a, b = np.cos(angle) / scale, (np.sin(angle) + shear) / scale
-        c, d = -np.sin(angle) / scale, np.cos(angle) / scale
-        cx = cy = big / 2
-        coeffs = (a, b, cx - a * (cx + tx) - b * (cy + ty), c, d, cy - c * (cx + tx) - d * (cy + ty))
-        img = img.transform((big, big), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
-        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.0, 2.5))))
-        img = img.resize((size, size), Image.Resampling.LANCZOS)
-        arr = np.asarray(img, dtype=np.float32)
-        arr = arr + rng.normal(0.0, rng.uniform(0, 12), size=arr.shape)
-        out[n] = np.clip(arr, 0, 255).astype(np.uint8)
+        stroke = int(rng.integers(0, 3))
+        ImageDraw.Draw(img).text((xx, yy), str(label), fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255)
+        # rotation, slant (mostly to the right, as handwriting) and width, about the centre
+        angle = np.deg2rad(rng.uniform(-15, 15))
+        shear = rng.uniform(-0.15, 0.4)
+        width = rng.uniform(0.8, 1.2)
+        a, b = np.cos(angle) / width, np.sin(angle) + shear
+        c, d = -np.sin(angle) / width, np.cos(angle)
+        img = img.transform((big, big), Image.Transform.AFFINE, (a, b, xx - a * xx - b * yy, c, d, yy - c * xx - d * yy),
+                            resample=Image.Resampling.BILINEAR)
+        arr = elastic_distort(np.asarray(img, dtype=np.float32), rng, alpha=rng.uniform(0, 30) * big / 28, sigma=4 * big / 28)
+        out[n] = np.clip(mnist_normalize(arr, box=box, size=size), 0, 255).astype(np.uint8)
     return out[..., None], labels
 
 
@@ -321,5 +348,5 @@ def tensor_to_images(x) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-__all__ = ["ImageSet", "LoadedData", "DataSourceError", "load_source", "to_resolution", "render_font_digits",
+__all__ = ["ImageSet", "LoadedData", "DataSourceError", "load_source", "to_resolution", "render_font_digits", "mnist_normalize",
            "images_to_tensor", "tensor_to_images", "font_files"]

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from dpldm.config import DatasetConfig
-from dpldm.data import DataSourceError, load_source, render_font_digits, to_resolution
+from dpldm.data import DataSourceError, load_source, mnist_normalize, render_font_digits, to_resolution
 from stages.common import read_images, write_images
 
 
@@ -18,6 +18,29 @@ def test_fontdigits_deterministic_for_seed():
     assert a.tobytes() != c.tobytes()
     assert a.shape == (40, 28, 28, 1) and sorted(set(la.tolist())) == list(range(10))
     assert a.max() > 200  # strokes are drawn
+
+
+def test_fontdigits_in_mnist_format():
+    """Each glyph fits a 20x20 box and its centre of mass sits at the frame's centre, as in MNIST."""
+    from scipy import ndimage
+
+    x, _ = render_font_digits(count=30, seed=3)
+    for img in x[..., 0].astype(np.float64):
+        ys, xs = np.nonzero(img)
+        assert max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 <= 20 + 1  # anti-aliasing may bleed one pixel
+        cy, cx = ndimage.center_of_mass(img)
+        assert abs(cy - 14) <= 1.0 and abs(cx - 14) <= 1.0
+
+
+def test_mnist_normalize_moves_an_off_centre_blob_to_the_centre():
+    glyph = np.zeros((60, 60), np.float32)
+    glyph[5:45, 40:50] = 255  # tall thin bar near the right edge
+    out = mnist_normalize(glyph, box=20, size=28)
+    ys, xs = np.nonzero(out > 127)
+    assert ys.max() - ys.min() + 1 in (19, 20, 21)  # the long side is scaled to the box
+    assert abs((xs.min() + xs.max()) / 2 - 14) <= 1.0
+    with pytest.raises(ValueError, match="empty"):
+        mnist_normalize(np.zeros((10, 10), np.float32))
 
 
 def test_mnist5k_split_stratified_and_padded():
