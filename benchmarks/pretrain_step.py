@@ -61,9 +61,9 @@ def main() -> None:
 
     n_train = pub.count - (pub.n_test or round(pub.test_fraction * pub.count))
     ae_steps = c["ae"].epochs * math.ceil(n_train / c["ae"].batch_size)
-    rows = [("pretrain_ae (channels_last, as the stage runs)", c["ae"].batch_size,
+    rows = [("pretrain_ae (channels_last)", c["ae"].batch_size,
              timed(make_ae_step(torch.channels_last), args.steps), ae_steps),
-            ("pretrain_ae (contiguous)", c["ae"].batch_size, timed(make_ae_step(torch.contiguous_format), args.steps), ae_steps),
+            ("pretrain_ae (contiguous, as the stage runs)", c["ae"].batch_size, timed(make_ae_step(torch.contiguous_format), args.steps), ae_steps),
             ("pretrain_ldm", c["ldm"].batch_size, timed(ldm_step, args.steps), c["ldm"].steps)]
     lines = ["| stage | batch | s / step | steps (params.yaml) | implied training time (min) |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {s} | {b} | {t:.2f} | {n} | {t * n / 60:.1f} |" for s, b, t, n in rows]

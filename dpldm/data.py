@@ -115,7 +115,7 @@ def render_font_digits(*, count: int, seed: int, size: int = 28) -> tuple[np.nda
     rng.shuffle(labels)
     out = np.empty((count, size, size), dtype=np.uint8)
     font_cache: dict[int, ImageFont.FreeTypeFont] = {}
-    yy, xx = big / 2, big / 2
+    cx = cy = big / 2  # transforms are about the centre
     for n, label in enumerate(labels):
         f = int(rng.integers(len(fonts)))
         font = font_cache.get(f)
@@ -123,14 +123,14 @@ def render_font_digits(*, count: int, seed: int, size: int = 28) -> tuple[np.nda
             font = font_cache[f] = ImageFont.truetype(str(fonts[f]), int(0.7 * big))
         img = Image.new("L", (big, big))
         stroke = int(rng.integers(0, 3))
-        ImageDraw.Draw(img).text((xx, yy), str(label), fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255)
+        ImageDraw.Draw(img).text((cx, cy), str(label), fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255)
         # rotation, slant (mostly to the right, as handwriting) and width, about the centre
         angle = np.deg2rad(rng.uniform(-15, 15))
         shear = rng.uniform(-0.15, 0.4)
         width = rng.uniform(0.8, 1.2)
         a, b = np.cos(angle) / width, np.sin(angle) + shear
         c, d = -np.sin(angle) / width, np.cos(angle)
-        img = img.transform((big, big), Image.Transform.AFFINE, (a, b, xx - a * xx - b * yy, c, d, yy - c * xx - d * yy),
+        img = img.transform((big, big), Image.Transform.AFFINE, (a, b, cx - a * cx - b * cy, c, d, cy - c * cx - d * cy),
                             resample=Image.Resampling.BILINEAR)
         arr = elastic_distort(np.asarray(img, dtype=np.float32), rng, alpha=rng.uniform(0, 30) * big / 28, sigma=4 * big / 28)
         out[n] = np.clip(mnist_normalize(arr, box=box, size=size), 0, 255).astype(np.uint8)

@@ -33,8 +33,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     train_x, _, meta = read_images(inputs["public"], split="train")
     test_x, test_y, _ = read_images(inputs["public"], split="test")
     c, size = meta["channels"], meta["height"]
-    # channels_last: ~12% faster convolutions on this CPU (benchmarks/pretrain_step.py), same results
-    ae = build_autoencoder(cfg, channels=c, image_size=size).to(device, memory_format=torch.channels_last)
+    ae = build_autoencoder(cfg, channels=c, image_size=size).to(device)
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr)
     x = images_to_tensor(train_x)
     g = torch.Generator().manual_seed(seed_of(params, "pretrain_ae"))
@@ -48,7 +47,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
             ae.train()
             perm = torch.randperm(len(x), generator=g)
             for i in range(0, len(x), cfg.batch_size):
-                xb = x[perm[i:i + cfg.batch_size]].to(device, memory_format=torch.channels_last)
+                xb = x[perm[i:i + cfg.batch_size]].to(device)
                 posterior = ae.encode(xb).latent_dist
                 recon = ae.decode(posterior.sample(generator=None)).sample
                 rec = F.l1_loss(recon, xb) if cfg.recon_loss == "l1" else F.mse_loss(recon, xb)
