@@ -1,0 +1,107 @@
+"""Sampler settings (DDIM eta, steps, classifier-free guidance) for a trained LDM, scored WITHOUT the real
+test split, so that the default they pick is not model selection on test data (DEVELOPERS.md, invariant 5).
+
+    python benchmarks/sampling_sweep.py [--ldm models/ldm_private] [--per-class 100]
+        [--settings eta=1,steps=25,w=0 eta=0,steps=25,w=0 ...] [--out benchmarks/results/sampling_sweep.md]
+
+Run it in a workspace where `dvc repro` has finished. For each setting it draws ``per_class`` samples
+per class with the same seed and reports:
+- label consistency: share of samples that the domain CNN of the `reference` stage (trained on the
+  private *train* split) assigns to the class they were conditioned on;
+- fid_domain / kid_domain against the private train split (what `score_fid` reports);
+- sampling seconds per 1,000 images on this machine.
+Both scores read the private train split outside the DP ledger, as the paper's hyperparameter choices
+do; the real test split is never opened here."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dpldm.data import tensor_to_images  # noqa: E402
+from dpldm.diffusion import ddim_sample, make_scheduler  # noqa: E402
+from dpldm.metrics import SmallCNN, fidelity, predict, register_domain_extractor  # noqa: E402
+from stages.common import load_model_files, read_images  # noqa: E402
+from stages.encode import load_autoencoder  # noqa: E402
+from stages.pretrain_ldm import load_ldm  # noqa: E402
+
+DEFAULT_SETTINGS = ["eta=1,steps=25,w=0", "eta=0,steps=25,w=0", "eta=0.5,steps=25,w=0",
+                    "eta=1,steps=25,w=1", "eta=0,steps=25,w=1", "eta=0,steps=25,w=2"]
+
+
+def parse_setting(text: str) -> dict:
+    out = {"eta": 1.0, "steps": 25, "w": 0.0}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key not in out:
+            raise SystemExit(f"unknown key {key!r} in setting {text!r}; use eta=..,steps=..,w=..")
+        out[key] = type(out[key])(value)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ldm", default="models/ldm_private")
+    ap.add_argument("--ae", default="models/ae")
+    ap.add_argument("--extractor", default="models/reference_extractor")
+    ap.add_argument("--private", default="data/private/images.parquet")
+    ap.add_argument("--per-class", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS)
+    ap.add_argument("--out", default="benchmarks/results/sampling_sweep.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, ldm_cfg, conf = load_ldm(args.ldm)
+    model.eval()
+    ae, ae_conf = load_autoencoder(args.ae)
+    scheduler = make_scheduler(ldm_cfg)
+    state, ext_conf = load_model_files(args.extractor)
+    cnn = SmallCNN(channels=ext_conf["channels"], image_size=ext_conf["image_size"], num_classes=ext_conf["num_classes"])
+    cnn.load_state_dict(state)
+    extractor = register_domain_extractor(state, channels=ext_conf["channels"], image_size=ext_conf["image_size"],
+                                          num_classes=ext_conf["num_classes"])
+    real, _, _ = read_images(args.private, split="train")
+    labels = torch.arange(ldm_cfg.num_classes).repeat_interleave(args.per_class)
+
+    rows = []
+    for text in args.settings:
+        s = parse_setting(text)
+        g = torch.Generator().manual_seed(args.seed)
+        t0 = time.time()
+        images = []
+        for i in range(0, len(labels), args.batch_size):
+            yb = labels[i:i + args.batch_size]
+            z = ddim_sample(model, yb, shape=tuple(conf["latent_shape"]), scheduler=scheduler, steps=s["steps"],
+                            eta=s["eta"], guidance_scale=s["w"], null_class=ldm_cfg.num_classes, generator=g)
+            with torch.no_grad():
+                images.append(tensor_to_images(ae.decode(z / ae_conf["latent_scale_factor"]).sample))
+        seconds = time.time() - t0
+        images = np.concatenate(images)
+        consistency = float((predict(cnn, images) == labels.numpy()).mean())
+        fid = fidelity(images, real, extractor=extractor, tag="domain", kid_subset_size=min(1000, len(images)))
+        rows.append((text, consistency, fid["fid_domain"], fid["kid_domain_mean"], 1000 * seconds / len(images)))
+        print(f"{text}: consistency {consistency:.3f}, fid_domain {fid['fid_domain']:.1f}, "
+              f"kid {fid['kid_domain_mean']:.4f}, {rows[-1][4]:.1f} s/1k", flush=True)
+
+    lines = [f"Model `{args.ldm}`, {args.per_class} samples per class, seed {args.seed}; machine {platform.machine()}, "
+             f"{args.threads} threads. Scores use the private train split only (never the test split).", "",
+             "| setting | label consistency (reference CNN) | fid_domain | kid_domain | s per 1k samples |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {t} | {c:.3f} | {f:.1f} | {k:.4f} | {s:.1f} |" for t, c, f, k, s in rows]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
