@@ -74,6 +74,9 @@ def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".", rerun: bool 
                     print(f"sweep: experiment {name} exists, kept (--rerun to replace it)")
                     continue
                 dvc("exp", "remove", name, repo=repo)  # not `exp run --force`: that re-runs every stage
+            # `dvc exp run` leaves the previous experiment's params in the workspace: start each one from
+            # the sweep's own baseline, or a setting would silently inherit the one before it
+            params_file.write_text(original)
             args = ["exp", "run", "-n", name]
             for key, value in s.items():
                 args += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]

@@ -110,13 +110,16 @@ def test_sweep_over_two_epsilons_builds_table_and_plot(tiny_pipeline, harness):
 
     sh(["git", "add", "-A"], tiny_pipeline)
     sh(["git", "commit", "-qm", "built"], tiny_pipeline)
-    settings = settings_of([2.0, 8.0], [], [])
+    # the first setting changes a key the later ones don't set: they must not inherit it
+    settings = settings_of([], [], ["frozen:finetune.mode=none"]) + settings_of([2.0, 8.0], [], [])
     run_sweep(settings, repo=str(tiny_pipeline))
     full = comparison([n for n, _ in settings], repo=str(tiny_pipeline))
     is_base = full["experiment"].str.startswith("baseline@")
     assert is_base.sum() == 1  # the committed run the experiments branch from, as `dvc exp show` lists it
-    df = full[~is_base].reset_index(drop=True)
+    assert full.loc[full["experiment"] == "frozen", "mode"].tolist() == ["none"]
+    df = full[~is_base & (full["experiment"] != "frozen")].reset_index(drop=True)
     assert df["experiment"].tolist() == ["eps2", "eps8"]
+    assert df["mode"].tolist() == ["attention", "attention"]
     assert [float(e) for e in df["epsilon_target"]] == [2.0, 8.0]
     spent = [float(e) for e in df["epsilon_spent"]]
     assert spent[0] < spent[1] <= 8.0 and spent[0] <= 2.0
