@@ -83,7 +83,7 @@ def train_cnn(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.detach().item() * len(idx)
         acc = float((predict(model, val_x) == val_y).mean())
         history.append({"epoch": epoch, "train_loss": total / len(y), "val_accuracy": acc})
         if best is None or acc > best[1]:

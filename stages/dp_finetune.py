@@ -144,7 +144,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
                     else:
                         loss = eps_loss(net, zb.to(device), yb.to(device), scheduler=scheduler, generator=g_noise, k=k).mean()
                         loss.backward()
-                        losses.append(float(loss))
+                        losses.append(loss.detach().item())
                     opt.step()
                     if plan is None or not opt._is_last_step_skipped:
                         ema.step(trainable)
