@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import platform
 import time
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def main() -> None:
              timed(make_ae_step(torch.channels_last), args.steps), ae_steps),
             ("pretrain_ae (contiguous, as the stage runs)", c["ae"].batch_size, timed(make_ae_step(torch.contiguous_format), args.steps), ae_steps),
             ("pretrain_ldm", c["ldm"].batch_size, timed(ldm_step, args.steps), c["ldm"].steps)]
-    lines = ["| stage | batch | s / step | steps (params.yaml) | implied training time (min) |", "|---|---:|---:|---:|---:|"]
+    lines = [f"{platform.machine()}, {torch.get_num_threads()} threads, {args.steps} timed steps per row, random inputs", "",
+             "| stage | batch | s / step | steps (params.yaml) | implied training time (min) |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {s} | {b} | {t:.2f} | {n} | {t * n / 60:.1f} |" for s, b, t, n in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
