@@ -10,7 +10,7 @@ per class with the same seed and reports:
   private *train* split) assigns to the class they were conditioned on;
 - fid_domain / kid_domain against the private train split (what `score_fid` reports);
 - with ``--tstr``: accuracy on the private *train* split of a SmallCNN trained on the samples (epoch chosen
-  on a synthetic validation split), the downstream task itself with train data standing in for test data;
+  on a synthetic validation split; epochs, batch, lr and split from params.yaml's `classifier`), the downstream task itself with train data standing in for test data;
 - sampling seconds per 1,000 images on this machine.
 Both scores read the private train split outside the DP ledger, as the paper's hyperparameter choices
 do; the real test split is never opened here."""
@@ -22,18 +22,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpldm.data import tensor_to_images  # noqa: E402
-from dpldm.diffusion import ddim_sample, make_scheduler  # noqa: E402
+from dpldm.config import load_section  # noqa: E402
+from dpldm.diffusion import make_scheduler  # noqa: E402
 from dpldm.metrics import SmallCNN, fidelity, predict, register_domain_extractor, train_cnn  # noqa: E402
 from stages.classify import split_validation  # noqa: E402
-from stages.common import load_model_files, read_images  # noqa: E402
+from stages.common import load_model_files, read_images, read_params  # noqa: E402
 from stages.encode import load_autoencoder  # noqa: E402
 from stages.pretrain_ldm import load_ldm  # noqa: E402
+from stages.sample import generate  # noqa: E402
 
 DEFAULT_SETTINGS = ["eta=1,steps=25,w=0", "eta=0,steps=25,w=0", "eta=0.5,steps=25,w=0",
                     "eta=1,steps=25,w=1", "eta=0,steps=25,w=1", "eta=0,steps=25,w=2"]
@@ -62,8 +62,10 @@ def main() -> None:
     ap.add_argument("--tstr", action="store_true", help="also train a CNN on the samples, test on the private train split")
     ap.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS)
     ap.add_argument("--out", default="benchmarks/results/sampling_sweep.md")
+    ap.add_argument("--params", default="params.yaml", help="its classifier section sets the --tstr CNN")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    clf = load_section(read_params(args.params), "classifier")  # the CNN score_classifier trains
 
     model, ldm_cfg, conf = load_ldm(args.ldm)
     model.eval()
@@ -80,23 +82,18 @@ def main() -> None:
     rows = []
     for text in args.settings:
         s = parse_setting(text)
-        g = torch.Generator().manual_seed(args.seed)
         t0 = time.time()
-        images = []
-        for i in range(0, len(labels), args.batch_size):
-            yb = labels[i:i + args.batch_size]
-            z = ddim_sample(model, yb, shape=tuple(conf["latent_shape"]), scheduler=scheduler, steps=s["steps"],
-                            eta=s["eta"], guidance_scale=s["w"], null_class=ldm_cfg.num_classes, generator=g)
-            with torch.no_grad():
-                images.append(tensor_to_images(ae.decode(z / ae_conf["latent_scale_factor"]).sample))
+        images = generate(model, ae, labels, ldm_cfg=ldm_cfg, latent_shape=conf["latent_shape"],
+                          latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler, steps=s["steps"], eta=s["eta"],
+                          guidance_scale=s["w"], batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed))
         seconds = time.time() - t0
-        images = np.concatenate(images)
         consistency = float((predict(cnn, images) == labels.numpy()).mean())
         fid = fidelity(images, real, extractor=extractor, tag="domain", kid_subset_size=min(1000, len(images)))
         tstr = float("nan")
         if args.tstr:
-            xt, yt, xv, yv = split_validation(images, labels.numpy(), fraction=0.1, seed=args.seed)
-            fit = train_cnn(xt, yt, xv, yv, num_classes=ldm_cfg.num_classes, epochs=8, batch_size=128, lr=1e-3, seed=args.seed)
+            xt, yt, xv, yv = split_validation(images, labels.numpy(), fraction=clf.val_fraction, seed=args.seed)
+            fit = train_cnn(xt, yt, xv, yv, num_classes=ldm_cfg.num_classes, epochs=clf.cnn_epochs, batch_size=clf.cnn_batch_size,
+                            lr=clf.cnn_lr, seed=args.seed)
             tstr = float((predict(fit.model, real) == real_y).mean())
         rows.append((text, consistency, fid["fid_domain"], fid["kid_domain_mean"], tstr, 1000 * seconds / len(images)))
         print(f"{text}: consistency {consistency:.3f}, fid_domain {fid['fid_domain']:.1f}, "

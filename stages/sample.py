@@ -15,6 +15,19 @@ INPUTS = ("ldm", "ae")
 OUTPUTS = ("samples", "grid", "live")
 
 
+def generate(model, ae, labels: torch.Tensor, *, ldm_cfg, latent_shape, latent_scale: float, scheduler, steps: int,
+             eta: float, guidance_scale: float, batch_size: int, generator: torch.Generator, device="cpu") -> np.ndarray:
+    """DDIM latents for ``labels`` in batches, decoded by the AE: uint8 images (N, H, W, C)."""
+    images = []
+    for i in progress(range(0, len(labels), batch_size), desc="sample"):
+        yb = labels[i:i + batch_size]
+        z = ddim_sample(model, yb, shape=tuple(latent_shape), scheduler=scheduler, steps=steps, eta=eta,
+                        guidance_scale=guidance_scale, null_class=ldm_cfg.num_classes, generator=generator, device=device)
+        with torch.no_grad():
+            images.append(tensor_to_images(ae.decode(z / latent_scale).sample))
+    return np.concatenate(images)
+
+
 def run(params: dict, inputs: dict, outputs: dict) -> dict:
     cfg = load_section(params, "sample")
     seed = seed_of(params, "sample")
@@ -25,16 +38,10 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     ae.to(device)
     scheduler = make_scheduler(ldm_cfg)
     labels = torch.arange(ldm_cfg.num_classes).repeat_interleave(cfg.per_class)
-    g = torch.Generator().manual_seed(seed)
-    images = []
-    for i in progress(range(0, len(labels), cfg.batch_size), desc="sample"):
-        yb = labels[i:i + cfg.batch_size]
-        z = ddim_sample(model, yb, shape=tuple(conf["latent_shape"]), scheduler=scheduler, steps=cfg.steps, eta=cfg.eta,
-                        guidance_scale=cfg.guidance_scale, null_class=ldm_cfg.num_classes, generator=g, device=device)
-        with torch.no_grad():
-            x = ae.decode(z / ae_conf["latent_scale_factor"]).sample
-        images.append(tensor_to_images(x))
-    images = np.concatenate(images)
+    images = generate(model, ae, labels, ldm_cfg=ldm_cfg, latent_shape=conf["latent_shape"],
+                      latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler, steps=cfg.steps, eta=cfg.eta,
+                      guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size,
+                      generator=torch.Generator().manual_seed(seed), device=device)
     y = labels.numpy()
     write_images(outputs["samples"], images=images, labels=y, split=["synthetic"] * len(y), source_index=np.arange(len(y)),
                  class_names=ae_conf["class_names"], source="dpldm-samples")
