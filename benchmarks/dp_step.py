@@ -31,7 +31,7 @@ def one(mode: str, private: bool, k: int, steps: int) -> dict:
     from dpldm.config import load_all
     from dpldm.diffusion import eps_loss, make_scheduler
     from dpldm.models import build_ldm
-    from dpldm.privacy import make_private, plan_dp, select_trainable
+    from dpldm.privacy import make_private, plan_dp, secret_generator, select_trainable
 
     cfgs = load_all(yaml.safe_load(Path("params.yaml").read_text()))
     torch.set_num_threads(cfgs["runtime"].threads or torch.get_num_threads())
@@ -45,8 +45,8 @@ def one(mode: str, private: bool, k: int, steps: int) -> dict:
     sched = make_scheduler(ldm)
     g = torch.Generator().manual_seed(0)
     if private:
-        pt = make_private(model, opt, DataLoader(ds, batch_size=ft.batch_size), plan=plan_dp(ft, n=n), max_grad_norm=ft.clip_norm,
-                          noise_multiplicity=k, generator=g, expected_batch_size=ft.batch_size)
+        pt = make_private(model, opt, ds, plan=plan_dp(ft, n=n), max_grad_norm=ft.clip_norm, noise_multiplicity=k,
+                          sampling_generator=secret_generator(), noise_generator=secret_generator())
         net, opt, loader = pt.model, pt.optimizer, pt.data_loader
     else:
         net, loader = model, DataLoader(ds, batch_size=ft.batch_size, shuffle=True, generator=g)

@@ -3,17 +3,27 @@
 Every error names the key (``finetune.epsilon``), the value it got and what is allowed. DVC's
 ``dvc exp run -S x=1e-06`` writes a value that YAML reads as a *string*; numeric fields accept such
 strings only when they parse as numbers, anything else is an error.
+
+params.yaml is the one source of default values: the dataclasses have none, and a key missing from
+params.yaml is an error that names it. So every key is written out there, and
+``dvc exp run -S section.key=value`` works for each of them.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An expected mistake of the user's (a bad param, a missing or unreadable data file, a bad folder
+    layout). Stages print its one-line message, which names the key or file and the fix, and exit 2
+    with no traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A bad params.yaml value; the message names the key, the value and what is allowed."""
 
 
@@ -78,10 +88,11 @@ def from_mapping(cls: type, data: Mapping[str, Any] | None, *, prefix: str) -> A
     unknown = sorted(set(data) - names)
     if unknown:
         _fail(f"{prefix}.{unknown[0]}", data[unknown[0]], "no such key; known keys: " + ", ".join(sorted(names)))
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            kwargs[f.name] = _coerce(f"{prefix}.{f.name}", data[f.name], hints[f.name])
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+    if missing:
+        raise ConfigError(f"params: {prefix}.{missing[0]} is missing; every key is written out in params.yaml "
+                          f"(missing here: {', '.join(missing)}). Copy it from the repository's params.yaml.")
+    kwargs = {f.name: _coerce(f"{prefix}.{f.name}", data[f.name], hints[f.name]) for f in dataclasses.fields(cls)}
     return cls(**kwargs)
 
 
@@ -96,21 +107,21 @@ def check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclass(frozen=True)
 class Seeds:
-    prepare_public: int = 0
-    prepare_private: int = 0
-    pretrain_ae: int = 0
-    pretrain_ldm: int = 0
-    dp_finetune: int = 0
-    sample: int = 0
-    reference: int = 0
-    score_classifier: int = 0
+    prepare_public: int
+    prepare_private: int
+    pretrain_ae: int
+    pretrain_ldm: int
+    dp_finetune: int
+    sample: int
+    reference: int
+    score_classifier: int
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = 2  # torch intra-op threads on CPU; 0 = torch's default
-    seeds: Seeds = field(default_factory=Seeds)
+    device: Literal["auto", "cpu", "cuda"]
+    threads: int  # torch intra-op threads on CPU; 0 = torch's default
+    seeds: Seeds
 
     def __post_init__(self):
         check(self.threads >= 0, "runtime.threads", self.threads, "an integer >= 0")
@@ -123,16 +134,17 @@ SOURCES = ("fontdigits", "mnist5k", "digits8x8", "MNIST", "FashionMNIST", "EMNIS
 class DatasetConfig:
     """One image set. ``n_train``/``n_test`` cap the splits (0 = all available)."""
 
-    source: Literal[SOURCES] = "mnist5k"  # type: ignore[valid-type]
-    root: str = ""  # local folder for torchvision sets and imagefolder
-    download: bool = False  # torchvision sets only; off by default (no network at run time)
-    count: int = 20000  # fontdigits: images to render
-    n_train: int = 0
-    n_test: int = 0
-    test_fraction: float = 0.2  # sources without an official test split
-    image_size: int = 32  # pixels; MNIST-family 28 -> 32 by zero padding
-    channels: Literal[1, 3] = 1
-    emnist_split: str = "digits"
+    source: Literal[SOURCES]  # type: ignore[valid-type]
+    root: str  # local folder for torchvision sets and imagefolder
+    download: bool  # torchvision sets only; off by default (no network at run time)
+    count: int  # fontdigits: images to render
+    n_train: int
+    n_test: int
+    test_fraction: float  # sources without an official test split
+    image_size: int  # pixels; MNIST-family 28 -> 32 by zero padding
+    channels: Literal[1, 3]
+    emnist_split: str
+    preview_grid: bool  # write a grid of example images; off for private data unless asked (it shows real records)
 
     def validate(self, key: str) -> None:
         check(self.count > 0, f"{key}.count", self.count, "an integer > 0")
@@ -146,8 +158,8 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    public: DatasetConfig = field(default_factory=lambda: DatasetConfig(source="fontdigits", n_test=1000))
-    private: DatasetConfig = field(default_factory=lambda: DatasetConfig(source="mnist5k", n_train=4000, n_test=1000))
+    public: DatasetConfig
+    private: DatasetConfig
 
     def __post_init__(self):
         self.public.validate("data.public")
@@ -158,15 +170,15 @@ class DataConfig:
 class AEConfig:
     """diffusers AutoencoderKL; downsampling factor f = 2 ** (len(block_out_channels) - 1)."""
 
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
-    latent_channels: int = 4
-    layers_per_block: int = 1
-    norm_num_groups: int = 32
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 1e-3
-    kl_weight: float = 1e-6
-    recon_loss: Literal["l1", "l2"] = "l1"
+    block_out_channels: tuple[int, ...]
+    latent_channels: int
+    layers_per_block: int
+    norm_num_groups: int
+    epochs: int
+    batch_size: int
+    lr: float
+    kl_weight: float
+    recon_loss: Literal["l1", "l2"]
 
     def __post_init__(self):
         check(1 <= len(self.block_out_channels) <= 5, "ae.block_out_channels", self.block_out_channels, "1 to 5 channel counts")
@@ -181,7 +193,7 @@ class AEConfig:
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    batch_size: int = 500
+    batch_size: int
 
     def __post_init__(self):
         check(self.batch_size >= 1, "encode.batch_size", self.batch_size, "an integer >= 1")
@@ -191,26 +203,26 @@ class EncodeConfig:
 class LDMConfig:
     """Class-conditional diffusers UNet2DConditionModel on the AE latents."""
 
-    block_out_channels: tuple[int, ...] = (32, 64)
-    layers_per_block: int = 1
-    attention_head_dim: int = 8
-    cross_attention_dim: int = 64
-    norm_num_groups: int = 32
-    attention_levels: tuple[int, ...] = ()  # resolution levels with cross-attention; () = all
-    num_classes: int = 10
-    num_train_timesteps: int = 1000
-    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
-    beta_start: float = 0.0015
-    beta_end: float = 0.0155
-    steps: int = 3000
-    batch_size: int = 256
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    cosine_decay: bool = True
-    ema_decay: float = 0.999
-    label_dropout: float = 0.1  # for classifier-free guidance: share of labels replaced by the null class
-    checkpoint_every: int = 500  # steps
-    pretrained_path: str = ""  # a diffusers-format UNet folder to use instead of pretraining
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    attention_head_dim: int
+    cross_attention_dim: int
+    norm_num_groups: int
+    attention_levels: tuple[int, ...]  # resolution levels with cross-attention; () = all
+    num_classes: int
+    num_train_timesteps: int
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"]
+    beta_start: float
+    beta_end: float
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    cosine_decay: bool
+    ema_decay: float
+    label_dropout: float  # for classifier-free guidance: share of labels replaced by the null class
+    checkpoint_every: int  # steps
+    pretrained_path: str  # a diffusers-format UNet folder to use instead of pretraining
 
     def __post_init__(self):
         check(len(self.block_out_channels) >= 1, "ldm.block_out_channels", self.block_out_channels, "at least one channel count")
@@ -230,20 +242,27 @@ class LDMConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    mode: Literal["attention", "full", "none"] = "attention"
-    layers: tuple[int, int] = (1, 7)  # attention modules i..j, 1-based, forward order, inclusive
-    train_embedder: bool = True
-    private: bool = True
-    epsilon: float = 10.0
-    delta: float = 1e-5
-    accountant: Literal["prv", "rdp"] = "prv"
-    epochs: int = 30
-    batch_size: int = 250  # expected logical batch (Poisson sampling rate = batch_size / N)
-    physical_batch_size: int = 250  # rows per forward pass before the K copies
-    clip_norm: float = 0.01
-    lr: float = 1e-3
-    noise_multiplicity: int = 1  # K (DPDM)
-    ema_decay: float = 0.999
+    mode: Literal["attention", "full", "none"]
+    layers: tuple[int, int]  # attention modules i..j, 1-based, forward order, inclusive
+    train_embedder: bool
+    private: bool
+    epsilon: float
+    delta: float
+    accountant: Literal["prv", "rdp"]
+    epochs: int
+    batch_size: int  # expected logical batch (Poisson sampling rate = batch_size / N)
+    physical_batch_size: int  # rows per forward pass before the K copies
+    clip_norm: float
+    lr: float
+    noise_multiplicity: int  # K (DPDM)
+    ema_decay: float
+    # Seeded DP noise and Poisson sampling, for tests and debugging only: every output says "not a DP release".
+    reproducible_noise: bool
+
+    @property
+    def dp_release(self) -> bool:
+        """Whether the fine-tuned model is a differentially private release."""
+        return self.private and self.mode != "none" and not self.reproducible_noise
 
     def __post_init__(self):
         i, j = self.layers
@@ -261,11 +280,11 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    per_class: int = 500
-    steps: int = 25  # DDIM steps (paper: 200)
-    eta: float = 1.0
-    guidance_scale: float = 0.0  # classifier-free guidance; 0 = off (paper default)
-    batch_size: int = 500
+    per_class: int
+    steps: int  # DDIM steps (paper: 200)
+    eta: float
+    guidance_scale: float  # classifier-free guidance; 0 = off (paper default)
+    batch_size: int
 
     def __post_init__(self):
         check(self.per_class >= 1, "sample.per_class", self.per_class, "an integer >= 1")
@@ -277,12 +296,12 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class FIDConfig:
-    extractor: Literal["domain", "inception-v3-compat"] = "domain"
-    inception_weights: str = ""  # local weights-inception-2015-12-05-6726825d.pth
-    allow_download: bool = False
-    kid_subset_size: int = 1000
-    precision_recall: bool = False
-    domain_epochs: int = 5  # reference stage: epochs of the domain feature CNN
+    extractor: Literal["domain", "inception-v3-compat"]
+    inception_weights: str  # local weights-inception-2015-12-05-6726825d.pth
+    allow_download: bool
+    kid_subset_size: int
+    precision_recall: bool
+    domain_epochs: int  # reference stage: epochs of the domain feature CNN
 
     def __post_init__(self):
         check(self.kid_subset_size >= 2, "fid.kid_subset_size", self.kid_subset_size, "an integer >= 2")
@@ -291,15 +310,15 @@ class FIDConfig:
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    cnn_epochs: int = 10
-    cnn_batch_size: int = 128
-    cnn_lr: float = 1e-3
-    seeds: int = 3  # CNN trained with this many seeds; mean and std reported
-    val_fraction: float = 0.1  # of the *synthetic* set, for model selection
-    mlp_hidden: int = 256
-    mlp_max_iter: int = 50
-    logreg_C: float = 0.1
-    max_train: int = 0  # cap on training images (0 = all)
+    cnn_epochs: int
+    cnn_batch_size: int
+    cnn_lr: float
+    seeds: int  # CNN trained with this many seeds; mean and std reported
+    val_fraction: float  # of the *synthetic* set, for model selection
+    mlp_hidden: int
+    mlp_max_iter: int
+    logreg_C: float
+    max_train: int  # cap on training images (0 = all)
 
     def __post_init__(self):
         check(self.cnn_epochs >= 1, "classifier.cnn_epochs", self.cnn_epochs, "an integer >= 1")

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .config import DatasetConfig
+from .config import DatasetConfig, UserError
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(UserError, RuntimeError):
     """A data source could not be read; the message names the file(s) and how to obtain them."""
 
 

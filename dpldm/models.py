@@ -121,22 +121,28 @@ def attention_modules(model: ConditionalUNet) -> list[AttentionModule]:
 # ----------------------------------------------------------------------------------------------
 # Paper presets (shapes of the official configs), for tests and for users with bigger machines
 
-PRESETS: dict[str, tuple[AEConfig, LDMConfig, int, int]] = {
-    # name: (autoencoder, ldm, image channels, image size)
-    "mnist": (AEConfig(block_out_channels=(32, 64, 64, 64), latent_channels=3),
-              LDMConfig(block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=32, cross_attention_dim=64), 3, 32),
-    "cifar10": (AEConfig(block_out_channels=(64, 128), latent_channels=3),
-                LDMConfig(block_out_channels=(128, 256, 256, 512), layers_per_block=2, attention_head_dim=32,
-                          cross_attention_dim=512, attention_levels=(0, 1, 2)), 3, 32),
-    "celeba32": (AEConfig(block_out_channels=(64, 128), latent_channels=3),
-                 LDMConfig(block_out_channels=(128, 256, 256, 512), layers_per_block=2, attention_head_dim=32,
-                           cross_attention_dim=512, attention_levels=(0, 1, 2), num_classes=2), 3, 32),
+PRESETS: dict[str, dict] = {
+    # name: overrides of the ae and ldm sections, and the image (channels, size)
+    "mnist": {"ae": {"block_out_channels": (32, 64, 64, 64), "latent_channels": 3},
+              "ldm": {"block_out_channels": (64, 128), "layers_per_block": 1, "attention_head_dim": 32,
+                      "cross_attention_dim": 64, "attention_levels": ()},
+              "image": (3, 32)},
+    "cifar10": {"ae": {"block_out_channels": (64, 128), "latent_channels": 3},
+                "ldm": {"block_out_channels": (128, 256, 256, 512), "layers_per_block": 2, "attention_head_dim": 32,
+                        "cross_attention_dim": 512, "attention_levels": (0, 1, 2)},
+                "image": (3, 32)},
+    "celeba32": {"ae": {"block_out_channels": (64, 128), "latent_channels": 3},
+                 "ldm": {"block_out_channels": (128, 256, 256, 512), "layers_per_block": 2, "attention_head_dim": 32,
+                         "cross_attention_dim": 512, "attention_levels": (0, 1, 2), "num_classes": 2},
+                 "image": (3, 32)},
 }
 
 
-def preset(name: str, **ldm_overrides) -> tuple[AEConfig, LDMConfig, int, int]:
-    ae, ldm, c, s = PRESETS[name]
-    return ae, replace(ldm, **ldm_overrides), c, s
+def preset(name: str, *, ae: AEConfig, ldm: LDMConfig, **ldm_overrides) -> tuple[AEConfig, LDMConfig, int, int]:
+    """The paper's shapes for ``name`` applied over the given configs (training settings are kept)."""
+    p = PRESETS[name]
+    c, s = p["image"]
+    return replace(ae, **p["ae"]), replace(ldm, **{**p["ldm"], **ldm_overrides}), c, s
 
 
 def count_params(module: nn.Module, *, trainable_only: bool = False) -> int:

@@ -5,11 +5,21 @@ Noise multiplicity (DPDM, Dockhorn et al. 2022): the model sees B*K example-majo
 computes one gradient per row; ``KAveragedDPOptimizer`` averages the K rows of each example
 *before* per-example norms and clipping. The sensitivity stays ``max_grad_norm``, so K costs no
 privacy. With K = 1 it is exactly opacus' ``DPOptimizer``.
+
+Secret randomness: the DP noise and the Poisson sampling draw from generators seeded from the
+operating system's secure source (``secret_generator``), never from params, logs or checkpoints.
+Noise is added as opacus' ``secure_mode`` does (the sum of 4 Gaussian draws / 2, against
+floating-point attacks). ``torch.Generator`` is a Mersenne Twister, not a cryptographic generator:
+its 64-bit seed is secret, its stream is not cryptographically strong. opacus' full
+``PrivacyEngine(secure_mode=True)`` needs ``torchcsprng``, which cannot be installed with our pins.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -18,12 +28,13 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-from .config import FinetuneConfig
+from .config import ConfigError, FinetuneConfig
 from .models import ConditionalUNet, attention_modules
 
 
-class PrivacyConfigError(ValueError):
+class PrivacyConfigError(ConfigError):
     """A fine-tuning setting that cannot run; raised before any private data is touched."""
 
 
@@ -100,10 +111,17 @@ def validate_plan_inputs(cfg: FinetuneConfig, *, n: int) -> None:
         raise PrivacyConfigError(f"finetune.batch_size = {cfg.batch_size} is larger than the private set (N = {n})")
 
 
+def steps_per_epoch_of(n: int, batch_size: int) -> int:
+    """Logical steps per epoch: ceil(N / B). The Poisson rate is q = 1 / steps_per_epoch (opacus' rule),
+    and ``poisson_loader`` yields exactly this many batches (opacus' own loader yields int(1 / q),
+    one fewer when 1 / q rounds down, e.g. N = 9300, B = 100)."""
+    return math.ceil(n / batch_size)
+
+
 def plan_dp(cfg: FinetuneConfig, *, n: int) -> DPPlan:
     """Calibrate the noise multiplier so that ``cfg.epochs`` epochs spend at most ``cfg.epsilon``."""
     validate_plan_inputs(cfg, n=n)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    steps_per_epoch = steps_per_epoch_of(n, cfg.batch_size)
     q = 1.0 / steps_per_epoch  # opacus' DPDataLoader uses 1 / len(loader)
     sigma = get_noise_multiplier(target_epsilon=cfg.epsilon, target_delta=cfg.delta, sample_rate=q,
                                  steps=steps_per_epoch * cfg.epochs, accountant=cfg.accountant, epsilon_tolerance=0.01)
@@ -141,6 +159,26 @@ class KAveragedDPOptimizer(DPOptimizer):
         super().clip_and_accumulate()
 
 
+# ----------------------------------------------------------------------------------------------
+# Randomness and the loader
+
+
+def secret_generator(device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch.Generator seeded with 64 bits from ``os.urandom``: nobody, params or logs included,
+    knows its seed. Never store its state."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return g
+
+
+def poisson_loader(dataset: torch.utils.data.Dataset, *, plan: DPPlan, generator: torch.Generator) -> DPDataLoader:
+    """opacus' Poisson-sampling loader at the plan's rate, yielding exactly ``plan.steps_per_epoch``
+    batches per epoch, so the steps taken equal the steps the noise was calibrated for."""
+    loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=generator)
+    loader.batch_sampler.steps = plan.steps_per_epoch  # opacus would use int(1 / q), which can round down
+    return loader
+
+
 @dataclass
 class PrivateTraining:
     model: GradSampleModule
@@ -152,29 +190,66 @@ class PrivateTraining:
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    data_loader: torch.utils.data.DataLoader,
+    dataset: torch.utils.data.Dataset,
     *,
     plan: DPPlan,
     max_grad_norm: float,
     noise_multiplicity: int,
-    generator: torch.Generator,
-    expected_batch_size: int,
-    secure_mode: bool = False,
+    sampling_generator: torch.Generator,
+    noise_generator: torch.Generator,
+    secure_mode: bool = True,
 ) -> PrivateTraining:
-    """opacus' pieces, put together as PrivacyEngine.make_private does, with our optimizer class.
-    Freeze parameters *before* calling this: hooks attach only to trainable modules."""
+    """opacus' pieces, put together as PrivacyEngine.make_private does, with our optimizer class and
+    loader. Freeze parameters *before* calling this: hooks attach only to trainable modules. Pass
+    ``secret_generator()``s unless the run is explicitly not a DP release."""
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     dp_opt = KAveragedDPOptimizer(
         optimizer,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size,
+        expected_batch_size=max(1, round(plan.n * plan.sample_rate)),
         loss_reduction="mean",
-        generator=None,
+        generator=noise_generator,
         secure_mode=secure_mode,
         noise_multiplicity=noise_multiplicity,
     )
-    loader = DPDataLoader.from_data_loader(data_loader, generator=generator)
+    loader = poisson_loader(dataset, plan=plan, generator=sampling_generator)
     accountant = ACCOUNTANTS[plan.accountant]()
     dp_opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
     return PrivateTraining(gsm, dp_opt, loader, accountant)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop of one epoch (DP or not)
+
+
+def train_epoch(
+    *,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    trainable: Sequence[nn.Parameter],
+    loss_fn: Callable[..., torch.Tensor],
+    private: bool,
+    physical_batch_size: int,
+    on_step: Callable[[], None] = lambda: None,
+) -> list[float]:
+    """One pass over ``loader``; returns the per-batch losses. With ``private``, logical batches are
+    split into physical ones (opacus' BatchMemoryManager) and ``on_step`` runs only on real optimizer
+    steps; an empty Poisson batch still takes a (noise-only) step."""
+    losses: list[float] = []
+    ctx = BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical_batch_size, optimizer=optimizer) \
+        if private else contextlib.nullcontext(loader)
+    with ctx as batches:
+        for batch in batches:
+            optimizer.zero_grad(set_to_none=True)
+            if private and len(batch[-1]) == 0:
+                for p in trainable:
+                    p.grad_sample = torch.zeros(0, *p.shape, device=p.device)
+            else:
+                loss = loss_fn(*batch)
+                loss.backward()
+                losses.append(loss.detach().item())
+            optimizer.step()
+            if not private or not optimizer._is_last_step_skipped:
+                on_step()
+    return losses

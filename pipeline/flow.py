@@ -23,6 +23,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
+from pipeline.boundary import check_boundary, private_only_stages, read_stages
+
+# DVC's own lines about a stage: the only lines of a private-only stage's output that reach Prefect's logs
+DVC_CONTROL = ("Running stage", "Stage '", "Updating lock file", "Use `dvc push`", "To track the changes", "ERROR:", "error:")
+LEDGER_ROWS = ("dp_release", "release", "private", "epsilon_spent", "target_epsilon", "epsilon_spent_all_attempts", "delta",
+               "noise_multiplier", "sample_rate", "steps", "epochs", "N", "K", "clip_norm", "accountant", "noise_source",
+               "trainable_params", "trainable_share", "attempt")
+
 
 def dvc_bin() -> str:
     return str(Path(sys.executable).parent / "dvc")
@@ -70,22 +78,38 @@ class StageFailed(RuntimeError):
         self.returncode = returncode
 
 
+def log_line(line: str, *, private_stage: bool) -> str | None:
+    """What of a stage's output line goes to Prefect's log: all of it, or for a stage whose outputs are
+    all private (dvc.yaml meta.side), only DVC's control lines and errors."""
+    if not private_stage or line.lstrip().startswith(DVC_CONTROL):
+        return line
+    return None
+
+
 @task(name="dvc-stage", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=_infrastructure_failure,
       task_run_name="{stage}")
-def run_stage(stage: str, repo: str) -> Completed:
-    """``dvc repro --single-item STAGE``, its output streamed into the run log."""
+def run_stage(stage: str, repo: str, private_stage: bool = False) -> Completed:
+    """``dvc repro --single-item STAGE``, its output streamed into the run log (withheld for stages whose
+    outputs are all private)."""
     logger = get_run_logger()
     t0 = time.time()
     proc = subprocess.Popen([dvc_bin(), "repro", "--single-item", stage], cwd=repo, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=stage_env())
-    lines = []
+    lines, withheld = [], 0
     for line in proc.stdout:
         line = line.rstrip()
         lines.append(line)
-        logger.info(line)
+        shown = log_line(line, private_stage=private_stage)
+        if shown is None:
+            withheld += 1
+        else:
+            logger.info(shown)
     proc.wait()
+    if withheld:
+        logger.info(f"{withheld} output lines of private stage {stage} withheld (private side; see the terminal of a local run)")
     if proc.returncode:
-        raise StageFailed(stage, proc.returncode, "\n".join(lines[-30:]))
+        tail = [ln for ln in lines[-30:] if log_line(ln, private_stage=private_stage) is not None]
+        raise StageFailed(stage, proc.returncode, "\n".join(tail))
     ran = any(f"Running stage '{stage}'" in ln for ln in lines)
     result = {"stage": stage, "ran": ran, "seconds": round(time.time() - t0, 1)}
     return Completed(data=result, name="Completed" if ran else "UpToDate",
@@ -135,17 +159,22 @@ def publish_artifacts(repo: str, results: list[dict]) -> dict:
     keys = {}
     create_table_artifact(key=artifact_key("dpldm-stages"), table=results, description="DVC stages: ran or up to date")
     keys["stages"] = "dpldm-stages"
-    if "ledger" in m:
-        led = m["ledger"]
-        rows = [{"quantity": k, "value": led.get(k)} for k in
-                ("private", "epsilon_spent", "target_epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "epochs", "N",
-                 "K", "clip_norm", "accountant", "trainable_params", "trainable_share", "attempt", "epsilon_spent_all_attempts")]
-        create_table_artifact(key="dpldm-privacy-ledger", table=rows, description="Privacy ledger of dp_finetune")
+    led = m.get("ledger", {})
+    if led:
+        rows = [{"quantity": k, "value": led.get(k)} for k in LEDGER_ROWS]
+        create_table_artifact(key="dpldm-privacy-ledger", table=rows,
+                              description=f"Privacy ledger of dp_finetune: {led.get('release', 'release unknown')}")
         keys["ledger"] = "dpldm-privacy-ledger"
     scores = {**m.get("score_fid", {}), **m.get("score_classifier", {})}
     if scores:
         grid = (Path(repo) / "reports/sample/grid.png").resolve()
-        md = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in scores.items()]
+        stamp = led.get("release") or scores.get("release", "release unknown")
+        spent = led.get("epsilon_spent")
+        md = [f"**{stamp}**" + ("" if led.get("dp_release") else " -- NOT A DP RELEASE"),
+              f"private: {led.get('private')}, epsilon spent: {'-' if spent is None else f'{spent:.4g}'}, "
+              f"all attempts on this data: {led.get('epsilon_spent_all_attempts')}", "",
+              "| metric | value |", "|---|---|"]
+        md += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scores.items() if k != "release"]
         md += ["", f"Sample grid: [{grid.name}]({grid.as_uri()})"]
         create_markdown_artifact(key="dpldm-scores", markdown="\n".join(md), description="FID/KID and downstream accuracy")
         keys["scores"] = "dpldm-scores"
@@ -157,12 +186,17 @@ def dpldm_pipeline(repo: str = ".", overrides: dict | None = None, pull: bool = 
     """Run every DVC stage as its own task, in DVC's order; publish the ledger and scores.
     ``pull``/``push``: fetch/share artifacts through the DVC remote (GPU workers)."""
     repo = str(Path(repo).resolve())
+    stages = read_stages(repo)
+    errors = check_boundary(stages)
+    if errors:
+        raise ValueError("dvc.yaml breaks the declared privacy boundary:\n" + "\n".join(errors))
+    private_only = private_only_stages(stages)
     apply_overrides(repo, overrides)
     if pull:
         subprocess.run([dvc_bin(), "pull", "--allow-missing"], cwd=repo, env=stage_env(), check=False)
     results = []
     for stage in stage_order(repo):
-        state = run_stage(stage, repo, return_state=True)
+        state = run_stage(stage, repo, private_stage=stage in private_only, return_state=True)
         results.append(state.result())
     publish_artifacts(repo, results)
     if push:

@@ -24,9 +24,13 @@ import pandas as pd
 import yaml
 
 UPSTREAM = ("pretrain_ldm", "encode_private", "reference")
+LEDGER = "reports/dp_finetune/ledger.json:"
 COLUMNS = {  # table column -> dvc exp show column (metrics file:key, or params key)
-    "epsilon_target": "finetune.epsilon", "layers": "finetune.layers", "mode": "finetune.mode", "private": "finetune.private",
-    "epsilon_spent": "ledger.epsilon_spent", "noise_multiplier": "ledger.noise_multiplier", "steps": "ledger.steps",
+    "epsilon_target": "finetune.epsilon", "layers": "finetune.layers", "mode": "finetune.mode",
+    "private": LEDGER + "private", "dp_release": LEDGER + "dp_release", "release": LEDGER + "release",
+    "epsilon_spent": LEDGER + "epsilon_spent",
+    "epsilon_spent_all_attempts": LEDGER + "epsilon_spent_all_attempts",
+    "noise_multiplier": LEDGER + "noise_multiplier", "steps": LEDGER + "steps",
     "fid_domain": "fid_domain", "kid_domain_mean": "kid_domain_mean", "cnn_accuracy": "cnn_accuracy",
     "mlp_accuracy": "mlp_accuracy", "logreg_accuracy": "logreg_accuracy",
 }
@@ -111,12 +115,10 @@ def comparison(names: list[str] | None = None, *, repo: str = ".", num_commits: 
             exp = f"baseline@{rec.get('rev')}"  # the committed run the experiments branch from (HEAD)
         elif names is not None and exp not in names:
             continue
-        flat = {}
-        for key, value in rec.items():
-            flat[key.split(":")[-1]] = value
         row = {"experiment": exp}
         for col, key in COLUMNS.items():
-            row[col] = flat.get(key)
+            # exp_show names a metric "file:key" only where the key repeats across metrics files
+            row[col] = rec.get(key, rec.get(key.split(":")[-1]))
         rows.append(row)
     df = pd.DataFrame(rows)
     if names is not None and not df.empty:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import yaml
 
-from dpldm.config import ConfigError, RuntimeConfig, load_section
+from dpldm.config import ConfigError, RuntimeConfig, UserError, load_section
 
 
 def parse_args(argv: list[str] | None, *, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> argparse.Namespace:
@@ -49,18 +49,26 @@ def parse_args(argv: list[str] | None, *, inputs: tuple[str, ...], outputs: tupl
 
 
 def read_params(path: str | os.PathLike) -> dict:
-    with open(path) as fh:
-        return yaml.safe_load(fh) or {}
+    try:
+        with open(path) as fh:
+            return yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
 
 
 def stage_main(run: Callable[..., dict], *, inputs: tuple[str, ...], outputs: tuple[str, ...], argv=None) -> None:
-    """Parse the CLI, run the stage, print its metrics. A bad param or input exits 2 with its message."""
+    """Parse the CLI, run the stage, print its metrics. An expected user error (a bad param, a missing or
+    unreadable input) exits 2 with one line that names the key or file and the fix: no traceback."""
     ns = parse_args(argv, inputs=inputs, outputs=outputs)
     try:
         metrics = run(read_params(ns.params), ns.inputs, ns.outputs)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
+    except UserError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except FileNotFoundError as err:
+        print(f"error: {err.strerror or err}: {err.filename} (an input of this stage; run the stages before it, "
+              f"e.g. `dvc repro`)", file=sys.stderr)
+        raise SystemExit(2) from None
     print(json.dumps(metrics, indent=1, default=str))
 
 
@@ -152,8 +160,16 @@ def decode_png(data: bytes, channels: int) -> np.ndarray:
     return arr[..., None] if channels == 1 and arr.ndim == 2 else arr
 
 
+UNKNOWN_RELEASE = {"dp_release": False, "release": "not a DP release: provenance unknown (no release stamp)"}
+
+
+def release_stamp(meta: dict) -> dict:
+    """The release stamp (``dp_release``, ``release``) a model or image file carries."""
+    return {k: meta.get("release", UNKNOWN_RELEASE)[k] for k in ("dp_release", "release")}
+
+
 def write_images(path, *, images: np.ndarray, labels: np.ndarray, split: list[str] | np.ndarray,
-                 source_index: np.ndarray, class_names: list[str], source: str) -> None:
+                 source_index: np.ndarray, class_names: list[str], source: str, release: dict | None = None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -164,7 +180,8 @@ def write_images(path, *, images: np.ndarray, labels: np.ndarray, split: list[st
         "split": pa.array(list(split), type=pa.string()),
         "source_index": pa.array(np.asarray(source_index, dtype=np.int64)),
     })
-    meta = {"height": h, "width": w, "channels": c, "class_names": class_names, "source": source}
+    meta = {"height": h, "width": w, "channels": c, "class_names": class_names, "source": source,
+            **({"release": release} if release is not None else {})}
     table = table.replace_schema_metadata({"dpldm": json.dumps(meta)})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
@@ -201,11 +218,17 @@ def save_model(folder, *, state_dict: dict, config: dict, extra: dict | None = N
         (tmp / "config.json").write_text(json.dumps({**config, **(extra or {})}, indent=2) + "\n")
 
 
-def load_model_files(folder) -> tuple[dict, dict]:
+def load_model_files(folder, *, generator: bool = False) -> tuple[dict, dict]:
+    """(state_dict, config) of a saved model. ``generator=True`` (the AE and LDM loaders) refuses a model
+    marked ``evaluation_only``: one trained on private data without DP, for scoring only."""
     import torch
 
     folder = Path(folder)
-    return torch.load(folder / "model.pt", map_location="cpu", weights_only=True), json.loads((folder / "config.json").read_text())
+    conf = json.loads((folder / "config.json").read_text())
+    if generator and conf.get("evaluation_only"):
+        raise ConfigError(f"{folder} is an evaluation-only model (trained on private data without DP, dp: false); "
+                          f"it cannot be used to generate or encode. Point this stage at a generator model.")
+    return torch.load(folder / "model.pt", map_location="cpu", weights_only=True), conf
 
 
 def image_grid(images: np.ndarray, labels: np.ndarray, *, per_class: int = 10, num_classes: int | None = None) -> np.ndarray:
@@ -219,12 +242,18 @@ def image_grid(images: np.ndarray, labels: np.ndarray, *, per_class: int = 10, n
     return grid
 
 
-def save_png(path, array: np.ndarray, *, scale: int = 2) -> None:
-    from PIL import Image
+def save_png(path, array: np.ndarray, *, scale: int = 2, banner: str = "") -> None:
+    """An image grid as PNG, optionally with a one-line text banner above it (e.g. "NOT A DP RELEASE")."""
+    from PIL import Image, ImageDraw
 
     img = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
     if scale != 1:
         img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    if banner:
+        framed = Image.new(img.mode, (img.width, img.height + 16), 255)
+        framed.paste(img, (0, 16))
+        ImageDraw.Draw(framed).text((2, 2), banner, fill=0)
+        img = framed
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
 

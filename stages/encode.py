@@ -15,7 +15,7 @@ OUTPUTS = ("latents", "live")
 
 
 def load_autoencoder(folder):
-    state, conf = load_model_files(folder)
+    state, conf = load_model_files(folder, generator=True)
     fields = {k: v for k, v in conf.items() if k in AEConfig.__dataclass_fields__}
     ae = build_autoencoder(from_mapping(AEConfig, fields, prefix="ae"), channels=conf["channels"], image_size=conf["image_size"])
     ae.load_state_dict(state)

@@ -36,8 +36,13 @@ def run_prepare(params: dict, outputs: dict, *, which: str) -> dict:
         "content_sha256": digest,
     }
     write_json(outputs["manifest"], manifest)
-    save_png(outputs["grid"], image_grid(tr.images, tr.labels, per_class=12, num_classes=len(loaded.class_names)))
-    metrics = {"n_train": len(tr), "n_test": len(te), "num_classes": len(loaded.class_names),
-               "pixel_mean": float(tr.images.mean() / 255.0)}
+    if cfg.preview_grid:
+        save_png(outputs["grid"], image_grid(tr.images, tr.labels, per_class=12, num_classes=len(loaded.class_names)))
+    else:  # the output still exists (dvc.yaml declares it) but shows no record
+        save_png(outputs["grid"], np.full((24, 420, 1), 255, np.uint8), scale=1,
+                 banner=f"preview off: set data.{which}.preview_grid: true to render example images")
+    metrics = {"n_train": len(tr), "n_test": len(te), "num_classes": len(loaded.class_names)}
+    if which == "public":  # a statistic of private images is not for logs or metrics
+        metrics["pixel_mean"] = float(tr.images.mean() / 255.0)
     log_live_metrics(outputs["live"], metrics)
     return metrics

@@ -23,7 +23,7 @@ OUTPUTS = ("model", "checkpoint", "live")
 
 
 def load_ldm(folder) -> tuple[ConditionalUNet, LDMConfig, dict]:
-    state, conf = load_model_files(folder)
+    state, conf = load_model_files(folder, generator=True)
     cfg = from_mapping(LDMConfig, {k: v for k, v in conf.items() if k in LDMConfig.__dataclass_fields__}, prefix="ldm")
     model = build_ldm(cfg, latent_channels=conf["latent_shape"][0], latent_size=conf["latent_shape"][1])
     try:

@@ -24,7 +24,9 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
                     lr=ccfg.cnn_lr, seed=seed)
     save_model(outputs["extractor"], state_dict=fit.model.state_dict(),
                config={"channels": meta["channels"], "image_size": meta["height"], "num_classes": k,
-                       "feature_dim": SmallCNN.feature_dim, "val_accuracy": fit.val_accuracy})
+                       "feature_dim": SmallCNN.feature_dim, "val_accuracy": fit.val_accuracy,
+                       # trained on private data without DP: for scoring only, never a release
+                       "evaluation_only": True, "dp": False})
     metrics, _ = fit_and_score(ccfg, x, y, lambda: read_images(inputs["private"], split="test")[:2], num_classes=k, seed=seed)
     metrics = {f"real_{k_}": v for k_, v in metrics.items()}
     metrics["domain_extractor_val_accuracy"] = fit.val_accuracy

@@ -7,7 +7,8 @@ import torch
 from dpldm.data import tensor_to_images
 from dpldm.diffusion import ddim_sample, make_scheduler
 from dpldm.config import load_section
-from stages.common import image_grid, log_live_metrics, progress, save_png, seed_of, setup_runtime, stage_main, write_images
+from stages.common import (image_grid, log_live_metrics, progress, release_stamp, save_png, seed_of, setup_runtime, stage_main,
+                           write_images)
 from stages.encode import load_autoencoder
 from stages.pretrain_ldm import load_ldm
 
@@ -43,11 +44,13 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
                       guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size,
                       generator=torch.Generator().manual_seed(seed), device=device)
     y = labels.numpy()
+    stamp = release_stamp(conf)  # "DP release (...)" or "not a DP release: ...", from dp_finetune
     write_images(outputs["samples"], images=images, labels=y, split=["synthetic"] * len(y), source_index=np.arange(len(y)),
-                 class_names=ae_conf["class_names"], source="dpldm-samples")
-    save_png(outputs["grid"], image_grid(images, y, per_class=12, num_classes=ldm_cfg.num_classes))
+                 class_names=ae_conf["class_names"], source="dpldm-samples", release=stamp)
+    save_png(outputs["grid"], image_grid(images, y, per_class=12, num_classes=ldm_cfg.num_classes),
+             banner="" if stamp["dp_release"] else stamp["release"].upper())
     metrics = {"num_samples": len(y), "ddim_steps": cfg.steps, "eta": cfg.eta, "guidance_scale": cfg.guidance_scale,
-               "pixel_mean": float(images.mean() / 255.0)}
+               "pixel_mean": float(images.mean() / 255.0), "release": stamp["release"]}
     log_live_metrics(outputs["live"], metrics)
     return metrics
 

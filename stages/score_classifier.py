@@ -6,7 +6,7 @@ import numpy as np
 
 from dpldm.config import load_section
 from stages.classify import fit_and_score
-from stages.common import log_live_metrics, read_images, read_json, seed_of, setup_runtime, stage_main
+from stages.common import log_live_metrics, read_images, read_json, release_stamp, seed_of, setup_runtime, stage_main
 
 INPUTS = ("samples", "private", "reference")
 OUTPUTS = ("confusion", "live")
@@ -27,12 +27,14 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     ref = read_json(inputs["reference"])
     for name in ("cnn", "mlp", "logreg"):
         metrics[f"{name}_ratio_to_real"] = metrics[f"{name}_accuracy"] / max(ref[f"real_{name}_accuracy"], 1e-12)
-    _save_confusion(outputs["confusion"], cm, meta["class_names"], metrics["cnn_accuracy"])
+    metrics["release"] = release_stamp(meta)["release"]
+    _save_confusion(outputs["confusion"], cm, meta["class_names"], metrics["cnn_accuracy"],
+                    note="" if release_stamp(meta)["dp_release"] else "NOT A DP RELEASE")
     log_live_metrics(outputs["live"], metrics)
     return metrics
 
 
-def _save_confusion(path, cm: np.ndarray, names: list[str], acc: float) -> None:
+def _save_confusion(path, cm: np.ndarray, names: list[str], acc: float, *, note: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +48,7 @@ def _save_confusion(path, cm: np.ndarray, names: list[str], acc: float) -> None:
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("predicted (CNN trained on synthetic)")
     ax.set_ylabel("true (real test split)")
-    ax.set_title(f"CNN accuracy {100 * acc:.1f}%")
+    ax.set_title(f"CNN accuracy {100 * acc:.1f}%" + (f" ({note})" if note else ""))
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", fontsize=6, color="white" if v > cm.max() / 2 else "black")
     fig.tight_layout()

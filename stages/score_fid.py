@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dpldm.config import load_section
 from dpldm.metrics import INCEPTION_WEIGHTS_FILE, content_hash, fidelity, register_domain_extractor
-from stages.common import ConfigError, log_live_metrics, load_model_files, read_images, setup_runtime, stage_main
+from stages.common import ConfigError, log_live_metrics, load_model_files, read_images, release_stamp, setup_runtime, stage_main
 
 INPUTS = ("samples", "private", "extractor")
 OUTPUTS = ("cache", "live")
@@ -30,7 +30,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     cfg = load_section(params, "fid")
     device = setup_runtime(params, seed=0)
     weights = inception_weights(cfg) if cfg.extractor == "inception-v3-compat" else None
-    synth, _, _ = read_images(inputs["samples"])
+    synth, _, synth_meta = read_images(inputs["samples"])
     real, real_y, _ = read_images(inputs["private"], split="train")
     if cfg.extractor == "domain":
         state, conf = load_model_files(inputs["extractor"])
@@ -43,6 +43,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
                        precision_recall=cfg.precision_recall, cuda=device.type == "cuda", weights_path=weights,
                        cache_root=outputs["cache"], real_cache_name=f"private-train-{content_hash(real, real_y)}-{name}")
     metrics["fid_reference"] = "private train split"
+    metrics["release"] = release_stamp(synth_meta)["release"]
     log_live_metrics(outputs["live"], metrics)
     return metrics
 

@@ -66,3 +66,26 @@ def dvc_stale(repo: Path) -> set[str]:
 
     out = run([str(Path(sys.executable).parent / "dvc"), "status", "--json"], repo).stdout
     return set(json.loads(out or "{}"))
+
+
+def params() -> dict:
+    """The repository's params.yaml (the one source of defaults)."""
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def cfg(section: str, **overrides):
+    """The typed config of a params.yaml section, with some fields replaced (validated again)."""
+    import dataclasses
+
+    from dpldm.config import load_section
+
+    return dataclasses.replace(load_section(params(), section), **overrides)
+
+
+def dataset(**overrides):
+    """A DatasetConfig: params.yaml's data.private with uncapped splits and some fields replaced."""
+    import dataclasses
+
+    from dpldm.config import load_section
+
+    return dataclasses.replace(load_section(params(), "data").private, **{"n_train": 0, "n_test": 0, **overrides})

@@ -1,12 +1,7 @@
 import pytest
-import yaml
 
 from dpldm.config import ConfigError, load_all, load_section
-from helpers import ROOT
-
-
-def params():
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+from helpers import params
 
 
 def test_params_yaml_loads_and_matches_defaults_types():
@@ -57,3 +52,36 @@ def test_bool_is_not_a_number():
     p["finetune"]["epsilon"] = True
     with pytest.raises(ConfigError, match="finetune.epsilon"):
         load_section(p, "finetune")
+
+
+def test_params_yaml_writes_out_every_key_and_the_code_has_no_defaults():
+    """params.yaml is the one source of defaults: the dataclasses carry none, and every field of every
+    section (nested ones too) is a key in params.yaml, so `dvc exp run -S key=value` works for all."""
+    import dataclasses
+    import typing
+
+    from dpldm.config import SECTIONS
+
+    def walk(cls, node, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}.{f.name}"
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, f"{key} has a code default"
+            assert f.name in node, f"{key} is not written out in params.yaml"
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], node[f.name], key)
+
+    p = params()
+    for name, cls in SECTIONS.items():
+        walk(cls, p[name], name)
+
+
+def test_missing_key_names_it():
+    p = params()
+    del p["finetune"]["clip_norm"]
+    with pytest.raises(ConfigError, match=r"finetune\.clip_norm is missing"):
+        load_section(p, "finetune")
+    p = params()
+    del p["data"]["private"]["root"]
+    with pytest.raises(ConfigError, match=r"data\.private\.root is missing"):
+        load_section(p, "data")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpldm.config import DatasetConfig
+from helpers import dataset
 from dpldm.data import DataSourceError, load_source, mnist_normalize, render_font_digits, to_resolution
 from stages.common import read_images, write_images
 
@@ -44,7 +44,7 @@ def test_mnist_normalize_moves_an_off_centre_blob_to_the_centre():
 
 
 def test_mnist5k_split_stratified_and_padded():
-    d = load_source(DatasetConfig(source="mnist5k", n_train=400, n_test=100), seed=0)
+    d = load_source(dataset(source="mnist5k", n_train=400, n_test=100), seed=0)
     assert d.train.images.shape == (400, 32, 32, 1) and len(d.test) == 100
     assert np.bincount(d.train.labels).tolist() == [40] * 10
     assert d.train.images[:, :2].max() == 0  # zero padding 28 -> 32
@@ -71,17 +71,17 @@ def test_torchvision_mnist_from_real_idx_files(tmp_path):
     for prefix, n in (("train", 30), ("t10k", 20)):
         _idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28), dtype=np.uint8))
         _idx(raw / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
-    d = load_source(DatasetConfig(source="MNIST", root=str(tmp_path)), seed=0)
+    d = load_source(dataset(source="MNIST", root=str(tmp_path)), seed=0)
     assert d.train.images.shape == (30, 32, 32, 1) and len(d.test) == 20
 
 
 def test_missing_torchvision_files_name_them(tmp_path):
     with pytest.raises(DataSourceError, match="train-images-idx3-ubyte"):
-        load_source(DatasetConfig(source="FashionMNIST", root=str(tmp_path)), seed=0)
+        load_source(dataset(source="FashionMNIST", root=str(tmp_path)), seed=0)
     with pytest.raises(DataSourceError, match="data_batch_1"):
-        load_source(DatasetConfig(source="CIFAR10", root=str(tmp_path), channels=3), seed=0)
+        load_source(dataset(source="CIFAR10", root=str(tmp_path), channels=3), seed=0)
     with pytest.raises(DataSourceError, match="train_32x32.mat"):
-        load_source(DatasetConfig(source="SVHN", root=str(tmp_path), channels=3), seed=0)
+        load_source(dataset(source="SVHN", root=str(tmp_path), channels=3), seed=0)
 
 
 def test_cifar10_from_real_pickle_batches(tmp_path):
@@ -91,7 +91,7 @@ def test_cifar10_from_real_pickle_batches(tmp_path):
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         with open(folder / name, "wb") as fh:
             pickle.dump({"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, fh)
-    d = load_source(DatasetConfig(source="CIFAR10", root=str(tmp_path), channels=3), seed=0)
+    d = load_source(dataset(source="CIFAR10", root=str(tmp_path), channels=3), seed=0)
     assert d.train.images.shape == (20, 32, 32, 3) and d.test.images.shape == (4, 32, 32, 3)
 
 
@@ -101,7 +101,7 @@ def test_svhn_from_real_mat_files(tmp_path):
     rng = np.random.default_rng(0)
     for name, n in (("train_32x32.mat", 12), ("test_32x32.mat", 5)):
         savemat(tmp_path / name, {"X": rng.integers(0, 255, (32, 32, 3, n), dtype=np.uint8), "y": (np.arange(n) % 10 + 1)[:, None]})
-    d = load_source(DatasetConfig(source="SVHN", root=str(tmp_path), channels=1), seed=0)
+    d = load_source(dataset(source="SVHN", root=str(tmp_path), channels=1), seed=0)
     assert d.train.images.shape == (12, 32, 32, 1) and d.train.labels.max() == 9 and (d.train.labels == 0).sum() == 1
 
 
@@ -113,7 +113,7 @@ def test_celeba_from_real_layout(tmp_path):
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (218, 178, 3), dtype=np.uint8)).save(base / "img_align_celeba" / n)
     (base / "list_attr_celeba.txt").write_text("6\nMale Smiling\n" + "".join(f"{n} {1 if i % 2 else -1} -1\n" for i, n in enumerate(names)))
     (base / "list_eval_partition.txt").write_text("".join(f"{n} {0 if i < 4 else 2}\n" for i, n in enumerate(names)))
-    d = load_source(DatasetConfig(source="CelebA", root=str(tmp_path), channels=3, image_size=32), seed=0)
+    d = load_source(dataset(source="CelebA", root=str(tmp_path), channels=3, image_size=32), seed=0)
     assert d.train.images.shape == (4, 32, 32, 3) and d.train.labels.tolist() == [0, 1, 0, 1] and len(d.test) == 2
 
 
@@ -126,7 +126,7 @@ def _folder(tmp_path, n=6):
 
 def test_imagefolder(tmp_path):
     _folder(tmp_path)
-    d = load_source(DatasetConfig(source="imagefolder", root=str(tmp_path), channels=3, image_size=16, test_fraction=0.25), seed=0)
+    d = load_source(dataset(source="imagefolder", root=str(tmp_path), channels=3, image_size=16, test_fraction=0.25), seed=0)
     assert d.class_names == ["cat", "dog"] and d.train.images.shape[1:] == (16, 16, 3) and len(d.train) + len(d.test) == 12
 
 
@@ -134,7 +134,7 @@ def test_imagefolder_unreadable_file_is_named(tmp_path):
     _folder(tmp_path)
     (tmp_path / "dog" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataSourceError, match="broken.png"):
-        load_source(DatasetConfig(source="imagefolder", root=str(tmp_path)), seed=0)
+        load_source(dataset(source="imagefolder", root=str(tmp_path)), seed=0)
 
 
 def test_parquet_roundtrip_schema(tmp_path):
@@ -147,3 +147,37 @@ def test_parquet_roundtrip_schema(tmp_path):
     assert [f.name for f in schema] == ["image", "label", "split", "source_index"]
     got, y, meta = read_images(tmp_path / "a.parquet", split="test")
     assert (got == x[3:]).all() and y.tolist() == [3, 4] and meta["channels"] == 1
+
+
+@pytest.mark.parametrize("case", ["corrupt", "layout", "missing"])
+def test_stage_reports_user_data_errors_in_one_line(tmp_path, case):
+    """A corrupt image, a bad folder layout or a missing data set file ends the stage with one line that
+    names the file and the fix (exit 2), not a traceback."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from helpers import ROOT, env, params
+
+    root = tmp_path / "images"
+    root.mkdir()
+    if case == "corrupt":
+        _folder(root)
+        (root / "dog" / "broken.png").write_bytes(b"not a png")
+        source, needle = "imagefolder", "broken.png"
+    elif case == "layout":
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "loose.png")
+        source, needle = "imagefolder", "no class subfolders"
+    else:
+        source, needle = "CIFAR10", "data_batch_1"
+    p = params()
+    p["data"]["private"].update(source=source, root=str(root), channels=3 if source == "CIFAR10" else 1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    out = {k: str(tmp_path / k) for k in ("data", "manifest", "grid", "live")}
+    proc = subprocess.run([sys.executable, "-m", "stages.prepare_private", "--params", str(tmp_path / "params.yaml")]
+                          + [f"--out={k}={v}" for k, v in out.items()], cwd=ROOT, env=env(), capture_output=True, text=True)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr

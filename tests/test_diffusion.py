@@ -1,6 +1,6 @@
 import torch
 
-from dpldm.config import LDMConfig
+from helpers import cfg
 from dpldm.diffusion import ddim_sample, eps_loss, expand_rows, make_scheduler
 
 
@@ -11,7 +11,7 @@ def test_expand_rows_is_example_major():
 
 
 def test_official_schedule_is_linear_in_sqrt_beta():
-    s = make_scheduler(LDMConfig())
+    s = make_scheduler(cfg("ldm"))
     sb = s.betas.sqrt()
     assert torch.allclose(sb[0] ** 2, torch.tensor(0.0015)) and torch.allclose(sb[-1] ** 2, torch.tensor(0.0155))
     d = sb[1:] - sb[:-1]
@@ -19,7 +19,7 @@ def test_official_schedule_is_linear_in_sqrt_beta():
 
 
 def test_ddim_with_perfect_denoiser_returns_the_point_mass():
-    s = make_scheduler(LDMConfig())
+    s = make_scheduler(cfg("ldm"))
     c = torch.tensor([0.7, -1.2, 0.3, 2.0]).view(1, 4, 1, 1)
     ab = s.alphas_cumprod
 
@@ -34,7 +34,7 @@ def test_ddim_with_perfect_denoiser_returns_the_point_mass():
 
 
 def test_guidance_combines_conditional_and_null():
-    s = make_scheduler(LDMConfig())
+    s = make_scheduler(cfg("ldm"))
     calls = []
 
     def model(z, t, y):
@@ -46,7 +46,7 @@ def test_guidance_combines_conditional_and_null():
 
 
 def test_eps_loss_k_average_equals_mean_of_rows():
-    s = make_scheduler(LDMConfig())
+    s = make_scheduler(cfg("ldm"))
     model = lambda z, t, y: z * 0.5
     z0, y = torch.randn(3, 2, 2, 2), torch.tensor([0, 1, 2])
     per_example = eps_loss(model, z0, y, scheduler=s, generator=torch.Generator().manual_seed(0), k=4)

@@ -46,22 +46,22 @@ def test_fid_and_kid_of_a_set_against_itself_is_zero_and_grow_with_noise(extract
 
 
 def test_missing_inception_weights_give_the_documented_error(tmp_path):
-    from dpldm.config import FIDConfig
+    from helpers import cfg
     from stages.score_fid import inception_weights
 
     with pytest.raises(ConfigError) as err:
-        inception_weights(FIDConfig(extractor="inception-v3-compat", inception_weights=str(tmp_path / "nope.pth")))
+        inception_weights(cfg("fid", extractor="inception-v3-compat", inception_weights=str(tmp_path / "nope.pth")))
     msg = str(err.value)
     assert "weights-inception-2015-12-05-6726825d.pth" in msg and "fid.extractor: domain" in msg and "fid.inception_weights" in msg
     (tmp_path / "w.pth").write_bytes(b"x")
-    assert inception_weights(FIDConfig(extractor="inception-v3-compat", inception_weights=str(tmp_path / "w.pth"))).endswith("w.pth")
+    assert inception_weights(cfg("fid", extractor="inception-v3-compat", inception_weights=str(tmp_path / "w.pth"))).endswith("w.pth")
 
 
 def test_classifier_selection_never_reads_the_real_test_split():
     """fit_and_score must make every choice before it calls read_test; a read_test that records
     what was fitted by then proves it."""
     import stages.classify as classify
-    from dpldm.config import ClassifierConfig
+    from helpers import cfg
 
     x = digits(200, 2)
     y = np.arange(200) % 10
@@ -74,7 +74,7 @@ def test_classifier_selection_never_reads_the_real_test_split():
             events.append("test")
             return digits(50, 3), np.arange(50) % 10
 
-        metrics, cm = classify.fit_and_score(ClassifierConfig(cnn_epochs=1, seeds=2, mlp_max_iter=5, mlp_hidden=8), x, y,
+        metrics, cm = classify.fit_and_score(cfg("classifier", cnn_epochs=1, seeds=2, mlp_max_iter=5, mlp_hidden=8), x, y,
                                              read_test, num_classes=10, seed=0)
     finally:
         classify.train_cnn, classify.fit_sklearn = real_train, real_fit

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from dpldm.config import AEConfig, LDMConfig
+from helpers import cfg
 from dpldm.models import attention_modules, build_autoencoder, build_ldm, latent_shape, preset
 
 
 @pytest.mark.parametrize("name,latent", [("mnist", (3, 4, 4)), ("cifar10", (3, 16, 16)), ("celeba32", (3, 16, 16))])
 def test_ae_presets_shapes(name, latent):
-    ae_cfg, _, c, size = preset(name)
+    ae_cfg, _, c, size = preset(name, ae=cfg("ae"), ldm=cfg("ldm"))
     ae = build_autoencoder(ae_cfg, channels=c, image_size=size)
     with torch.no_grad():
         z = ae.encode(torch.zeros(2, c, size, size)).latent_dist.mean
@@ -17,14 +17,14 @@ def test_ae_presets_shapes(name, latent):
 
 
 def test_embedded_default_ae_is_32_to_8x8x4():
-    ae = build_autoencoder(AEConfig(), channels=1, image_size=32)
+    ae = build_autoencoder(cfg("ae"), channels=1, image_size=32)
     with torch.no_grad():
         assert ae.encode(torch.zeros(1, 1, 32, 32)).latent_dist.mean.shape == (1, 4, 8, 8)
 
 
 @pytest.mark.parametrize("name,count,latent", [("mnist", 7, (3, 4, 4)), ("cifar10", 16, (3, 16, 16))])
 def test_attention_count_of_paper_presets(name, count, latent):
-    _, ldm_cfg, _, _ = preset(name)
+    _, ldm_cfg, _, _ = preset(name, ae=cfg("ae"), ldm=cfg("ldm"))
     model = build_ldm(ldm_cfg, latent_channels=latent[0], latent_size=latent[1])
     mods = attention_modules(model)
     assert len(mods) == count
@@ -34,7 +34,7 @@ def test_attention_count_of_paper_presets(name, count, latent):
 
 
 def test_attention_numbering_follows_forward_order():
-    model = build_ldm(LDMConfig(), latent_channels=4, latent_size=8)
+    model = build_ldm(cfg("ldm"), latent_channels=4, latent_size=8)
     mods = attention_modules(model)
     assert [m.index for m in mods] == list(range(1, 8))
     assert mods[2].name == "unet.mid_block.attentions.0"  # after 2 down modules, before the 4 up modules
@@ -51,7 +51,7 @@ def test_attention_numbering_follows_forward_order():
 def test_opacus_validator_passes():
     from opacus.validators import ModuleValidator
 
-    model = build_ldm(LDMConfig(), latent_channels=4, latent_size=8)
+    model = build_ldm(cfg("ldm"), latent_channels=4, latent_size=8)
     assert ModuleValidator.validate(model, strict=False) == []
 
 
@@ -60,9 +60,9 @@ def test_checkpoint_roundtrip_identical_outputs(tmp_path):
     from dpldm.config import to_dict
     from stages.pretrain_ldm import load_ldm
 
-    cfg = LDMConfig()
-    model = build_ldm(cfg, latent_channels=4, latent_size=8).eval()
-    save_model(tmp_path / "m", state_dict=model.state_dict(), config=to_dict(cfg), extra={"latent_shape": [4, 8, 8]})
+    ldm_cfg = cfg("ldm")
+    model = build_ldm(ldm_cfg, latent_channels=4, latent_size=8).eval()
+    save_model(tmp_path / "m", state_dict=model.state_dict(), config=to_dict(ldm_cfg), extra={"latent_shape": [4, 8, 8]})
     loaded, _, _ = load_ldm(tmp_path / "m")
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
     with torch.no_grad():
@@ -74,8 +74,8 @@ def test_checkpoint_of_other_architecture_is_refused(tmp_path):
     from dpldm.config import to_dict
     from stages.pretrain_ldm import load_ldm
 
-    model = build_ldm(LDMConfig(), latent_channels=4, latent_size=8)
-    save_model(tmp_path / "m", state_dict=model.state_dict(), config=to_dict(LDMConfig(block_out_channels=(32, 32))),
+    model = build_ldm(cfg("ldm"), latent_channels=4, latent_size=8)
+    save_model(tmp_path / "m", state_dict=model.state_dict(), config=to_dict(cfg("ldm", block_out_channels=(32, 32))),
                extra={"latent_shape": [4, 8, 8]})
     with pytest.raises(RuntimeError, match="does not match the architecture"):
         load_ldm(tmp_path / "m")

@@ -104,6 +104,42 @@ def test_changing_ldm_params_does_not_rerun_autoencoder_or_encoding(tiny_pipelin
     assert {s for s, r in ran.items() if r} == {"pretrain_ldm"} | DOWNSTREAM_OF_FINETUNE
 
 
+def _artifact_text(key):
+    from prefect.artifacts import Artifact
+
+    art = Artifact.get(key)
+    return f"{art.description} {art.data}"
+
+
+def test_default_run_is_a_dp_release_and_says_so(tiny_pipeline):
+    led = json.loads((tiny_pipeline / "reports/dp_finetune/ledger.json").read_text())
+    assert led["dp_release"] is True and led["release"].startswith("DP release") and "os.urandom" in led["noise_source"]
+    assert "DP release" in _artifact_text("dpldm-scores") and "NOT A DP RELEASE" not in _artifact_text("dpldm-scores")
+
+
+def test_reproducible_noise_stamps_every_downstream_output(tiny_pipeline, harness):
+    import pyarrow.parquet as pq
+
+    set_param(tiny_pipeline, "finetune.reproducible_noise", True)
+    try:
+        ran = flow_run(tiny_pipeline)
+        assert {s for s, r in ran.items() if r} == DOWNSTREAM_OF_FINETUNE
+        stamp = "not a DP release"
+        led = json.loads((tiny_pipeline / "reports/dp_finetune/ledger.json").read_text())
+        assert led["dp_release"] is False and stamp in led["release"]
+        conf = json.loads((tiny_pipeline / "models/ldm_private/config.json").read_text())
+        assert conf["release"]["dp_release"] is False
+        meta = json.loads(pq.read_schema(tiny_pipeline / "data/samples/samples.parquet").metadata[b"dpldm"])
+        assert meta["release"]["dp_release"] is False and stamp in meta["release"]["release"]
+        for stage in ("sample", "score_fid", "score_classifier"):
+            assert stamp in json.loads((tiny_pipeline / f"dvclive/{stage}/metrics.json").read_text())["release"], stage
+        shown = run(["dvc", "metrics", "show", "--json"], tiny_pipeline).stdout
+        assert shown.count(stamp) >= 4  # ledger, sample, score_fid, score_classifier
+        assert stamp in _artifact_text("dpldm-privacy-ledger") and "NOT A DP RELEASE" in _artifact_text("dpldm-scores")
+    finally:
+        set_param(tiny_pipeline, "finetune.reproducible_noise", False)
+
+
 def test_sweep_over_two_epsilons_builds_table_and_plot(tiny_pipeline, harness):
     from helpers import run as sh
     from pipeline.sweep import comparison, run_sweep, settings_of, write_outputs
@@ -111,13 +147,19 @@ def test_sweep_over_two_epsilons_builds_table_and_plot(tiny_pipeline, harness):
     sh(["git", "add", "-A"], tiny_pipeline)
     sh(["git", "commit", "-qm", "built"], tiny_pipeline)
     # the first setting changes a key the later ones don't set: they must not inherit it
-    settings = settings_of([], [], ["frozen:finetune.mode=none"]) + settings_of([2.0, 8.0], [], [])
+    settings = settings_of([], [], ["frozen:finetune.mode=none", "seeded:finetune.reproducible_noise=true"]) \
+        + settings_of([2.0, 8.0], [], [])
     run_sweep(settings, repo=str(tiny_pipeline))
     full = comparison([n for n, _ in settings], repo=str(tiny_pipeline))
     is_base = full["experiment"].str.startswith("baseline@")
     assert is_base.sum() == 1  # the committed run the experiments branch from, as `dvc exp show` lists it
     assert full.loc[full["experiment"] == "frozen", "mode"].tolist() == ["none"]
-    df = full[~is_base & (full["experiment"] != "frozen")].reset_index(drop=True)
+    assert "public model" in full.loc[full["experiment"] == "frozen", "release"].item()
+    assert "not a DP release" in full.loc[full["experiment"] == "seeded", "release"].item()
+    df = full[~is_base & ~full["experiment"].isin(["frozen", "seeded"])].reset_index(drop=True)
+    assert df["release"].str.startswith("DP release").all() and df["private"].tolist() == df["dp_release"].tolist() == [True, True]
+    assert not full.loc[full["experiment"] == "seeded", "dp_release"].item()
+    assert not full.loc[full["experiment"] == "frozen", "private"].item()
     assert df["experiment"].tolist() == ["eps2", "eps8"]
     assert df["mode"].tolist() == ["attention", "attention"]
     assert [float(e) for e in df["epsilon_target"]] == [2.0, 8.0]

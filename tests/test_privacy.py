@@ -5,13 +5,13 @@ import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 
-from dpldm.config import FinetuneConfig, LDMConfig
+from helpers import cfg
 from dpldm.diffusion import expand_rows, make_scheduler, q_sample
 from dpldm.models import attention_modules, build_ldm
 from dpldm.privacy import (KAveragedDPOptimizer, PrivacyConfigError, epsilon_of, plan_dp, select_trainable,
                            validate_plan_inputs)
 
-CFG = LDMConfig(block_out_channels=(32, 32))
+CFG = cfg("ldm", block_out_channels=(32, 32))
 
 
 def tiny_model(seed=0):
@@ -138,15 +138,15 @@ def test_bad_layer_range_lists_the_modules():
 
 def test_delta_and_batch_checks_name_the_key():
     with pytest.raises(PrivacyConfigError, match="finetune.delta"):
-        validate_plan_inputs(FinetuneConfig(delta=1e-3), n=4000)
+        validate_plan_inputs(cfg("finetune", delta=1e-3), n=4000)
     with pytest.raises(PrivacyConfigError, match="finetune.batch_size"):
-        validate_plan_inputs(FinetuneConfig(batch_size=5000), n=4000)
+        validate_plan_inputs(cfg("finetune", batch_size=5000), n=4000)
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_calibrated_noise_reaches_target_epsilon(accountant):
-    cfg = FinetuneConfig(epsilon=10.0, delta=1e-5, epochs=30, batch_size=250, accountant=accountant)
-    plan = plan_dp(cfg, n=4000)
+    ft = cfg("finetune", epsilon=10.0, delta=1e-5, epochs=30, batch_size=250, accountant=accountant)
+    plan = plan_dp(ft, n=4000)
     assert plan.sample_rate == 1 / 16 and plan.steps == 480
     eps = epsilon_of(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps, delta=1e-5,
                      accountant=accountant)
@@ -154,3 +154,43 @@ def test_calibrated_noise_reaches_target_epsilon(accountant):
     # less noise would overspend
     assert epsilon_of(noise_multiplier=plan.noise_multiplier * 0.95, sample_rate=plan.sample_rate, steps=plan.steps,
                       delta=1e-5, accountant=accountant) > 10.0
+
+
+def test_steps_taken_equal_the_plan_where_opacus_would_round_down():
+    """N = 9300, B = 100: q = 1/93 and opacus' loader would yield int(1/q) = 92 batches per epoch. Ours yields
+    the plan's 93, and the loop (the stage's own) takes exactly plan.steps optimizer steps."""
+    from torch.utils.data import TensorDataset
+
+    from dpldm.privacy import make_private, secret_generator, train_epoch
+
+    n, b = 9300, 100
+    ft = cfg("finetune", batch_size=b, physical_batch_size=50, epochs=2, epsilon=10.0, delta=1e-5)
+    plan = plan_dp(ft, n=n)
+    assert plan.steps_per_epoch == 93 and int(1 / plan.sample_rate) == 92  # the rounding this guards against
+    model = torch.nn.Linear(3, 1)
+    ds = TensorDataset(torch.randn(n, 3), torch.randn(n, 1))
+    pt = make_private(model, torch.optim.SGD(model.parameters(), lr=0.01), ds, plan=plan, max_grad_norm=1.0,
+                      noise_multiplicity=1, sampling_generator=secret_generator(), noise_generator=secret_generator())
+    assert len(pt.data_loader) == 93
+    steps = 0
+
+    def on_step():
+        nonlocal steps
+        steps += 1
+
+    for _ in range(plan.epochs):
+        train_epoch(loader=pt.data_loader, optimizer=pt.optimizer, trainable=list(model.parameters()),
+                    loss_fn=lambda x, y: torch.nn.functional.mse_loss(pt.model(x), y), private=True,
+                    physical_batch_size=ft.physical_batch_size, on_step=on_step)
+    assert steps == plan.steps == 186
+    assert sum(s for _, _, s in pt.accountant.history) == plan.steps
+
+
+def test_secret_generators_differ_and_are_not_the_global_rng():
+    from dpldm.privacy import secret_generator
+
+    torch.manual_seed(0)
+    a = torch.randn(8, generator=secret_generator())
+    torch.manual_seed(0)
+    b = torch.randn(8, generator=secret_generator())
+    assert not torch.equal(a, b)

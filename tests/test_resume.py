@@ -43,34 +43,91 @@ def test_pretrain_ldm_resume_equals_uninterrupted(upstream, tmp_path, monkeypatc
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def test_dp_finetune_resume_keeps_the_ledger_and_a_retry_is_counted(upstream, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def finetune_io(upstream):
     import sys
     from pathlib import Path
 
+    run([str(Path(sys.executable).parent / "dvc"), "repro", "pretrain_ldm"], upstream)
+    return {"ldm": str(upstream / "models/ldm_public"), "latents": str(upstream / "data/latents/private.npz")}
+
+
+def _outs(root, d, ck=None):
+    return {"model": str(root / d / "m"), "ledger": str(root / d / "ledger.json"), "checkpoint": str(root / (ck or d) / "ck"),
+            "live": str(root / d / "live")}
+
+
+def _finetune(params, inputs, outs, **over):
     from stages import dp_finetune
 
-    run([str(Path(sys.executable).parent / "dvc"), "repro", "pretrain_ldm"], upstream)
-    params = params_of(upstream)
-    inputs = {"ldm": str(upstream / "models/ldm_public"), "latents": str(upstream / "data/latents/private.npz")}
-    outs = lambda d: {"model": str(tmp_path / d / "m"), "ledger": str(tmp_path / d / "ledger.json"),
-                      "checkpoint": str(tmp_path / d / "ck"), "live": str(tmp_path / d / "live")}
-    dp_finetune.run(params, inputs, outs("a"))
+    p = json.loads(json.dumps(params))
+    p["finetune"].update(over)
+    dp_finetune.run(p, inputs, outs)
+    return json.loads(open(outs["ledger"]).read()), torch.load(outs["model"] + "/model.pt", weights_only=True)
+
+
+def _interrupted_then_resumed(params, inputs, outs, monkeypatch, **over):
     monkeypatch.setenv("DPLDM_STOP_AFTER_EPOCH", "1")
     with pytest.raises(SystemExit):
-        dp_finetune.run(params, inputs, outs("b"))
+        _finetune(params, inputs, outs, **over)
     monkeypatch.delenv("DPLDM_STOP_AFTER_EPOCH")
-    dp_finetune.run(params, inputs, outs("b"))
-    la, lb = (json.loads((tmp_path / d / "ledger.json").read_text()) for d in ("a", "b"))
+    return _finetune(params, inputs, outs, **over)
+
+
+def test_dp_finetune_resume_equals_uninterrupted_with_seeded_noise(upstream, finetune_io, tmp_path, monkeypatch):
+    params = params_of(upstream)
+    la, ma = _finetune(params, finetune_io, _outs(tmp_path, "a"), reproducible_noise=True)
+    lb, mb = _interrupted_then_resumed(params, finetune_io, _outs(tmp_path, "b"), monkeypatch, reproducible_noise=True)
     assert lb["steps"] == la["steps"] and lb["epsilon_spent"] == pytest.approx(la["epsilon_spent"], rel=1e-9)
     assert lb["resumed_at_epoch"] == [1] and lb["attempt"] == 1
-    ma, mb = (torch.load(tmp_path / d / "m/model.pt", weights_only=True) for d in ("a", "b"))
     for k in ma:
         torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-6)
+    # seeded noise is no DP release, and the ledger says so
+    assert la["dp_release"] is False and "not a DP release" in la["release"] and "NOT A DP RELEASE" in la["noise_source"]
+    assert la["epsilon_spent_all_attempts"] == float("inf")
+
+
+def test_secret_noise_differs_between_runs_and_resume_and_retry_keep_the_ledger(upstream, finetune_io, tmp_path, monkeypatch):
+    """Same params, same seeds: without the switch the DP noise and sampling are secret, so two runs differ.
+    An interrupted run resumes the accountant (fresh secret noise, nothing of it stored); a retry on the
+    same data is another attempt and its epsilon is added."""
+    params = params_of(upstream)
+    assert params["finetune"]["reproducible_noise"] is False  # the default
+    la, ma = _finetune(params, finetune_io, _outs(tmp_path, "a"))
+    lc, mc = _finetune(params, finetune_io, _outs(tmp_path, "c"))
+    changed = [k for k in ma if not torch.equal(ma[k], mc[k])]
+    assert changed, "two runs with the same params and seeds gave the same model: the noise is not secret"
+    assert la["dp_release"] is True and la["release"].startswith("DP release") and "os.urandom" in la["noise_source"]
+    state = torch.load(tmp_path / "a/ck/state.pt", weights_only=False)
+    assert state.get("completed")  # nothing of the secret generators is left in a finished checkpoint
+    lb, _ = _interrupted_then_resumed(params, finetune_io, _outs(tmp_path, "b"), monkeypatch)
+    assert lb["resumed_at_epoch"] == [1] and lb["attempt"] == 1 and lb["steps"] == la["steps"]
+    assert lb["epsilon_spent"] == pytest.approx(la["epsilon_spent"], rel=1e-9)
     # running again on the same private data is a second release: the ledger says so
-    dp_finetune.run(params, inputs, outs("a"))
-    again = json.loads((tmp_path / "a/ledger.json").read_text())
+    again, _ = _finetune(params, finetune_io, _outs(tmp_path, "a2", ck="a"))
     assert again["attempt"] == 2
     assert again["epsilon_spent_all_attempts"] == pytest.approx(2 * la["epsilon_spent"], rel=1e-6)
+
+
+def test_secret_generator_states_are_never_checkpointed(upstream, finetune_io, tmp_path, monkeypatch):
+    params = params_of(upstream)
+    monkeypatch.setenv("DPLDM_STOP_AFTER_EPOCH", "1")
+    with pytest.raises(SystemExit):
+        _finetune(params, finetune_io, _outs(tmp_path, "s"))
+    state = torch.load(tmp_path / "s/ck/state.pt", weights_only=False)
+    assert state["g_data"] is None and state["g_dp"] is None and state["accountant"] is not None
+
+
+def test_a_non_private_attempt_voids_the_ledger(upstream, finetune_io, tmp_path):
+    params = params_of(upstream)
+    dp, _ = _finetune(params, finetune_io, _outs(tmp_path, "dp", ck="same"))
+    assert dp["epsilon_spent_all_attempts"] == pytest.approx(dp["epsilon_spent"])
+    nonpriv, _ = _finetune(params, finetune_io, _outs(tmp_path, "np", ck="same"), private=False)
+    assert nonpriv["private"] is False and nonpriv["target_epsilon"] is None and nonpriv["epsilon_spent"] is None
+    assert nonpriv["dp_release"] is False and nonpriv["epsilon_spent_all_attempts"] == float("inf")
+    later, _ = _finetune(params, finetune_io, _outs(tmp_path, "dp2", ck="same"))  # a DP run after it is void too
+    assert later["dp_release"] is True and later["epsilon_spent_all_attempts"] == float("inf")
+    assert later["attempt"] == 3
 
 
 def test_bad_inputs_fail_before_private_data_is_read(upstream, tmp_path, monkeypatch):

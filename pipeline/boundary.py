@@ -1,0 +1,90 @@
+"""The privacy boundary, as declared in dvc.yaml: every output's ``meta.side`` and every stage's
+``meta.role``, and the check that each declared side agrees with what the output depends on.
+
+Sides: ``public``; ``private`` (raw private data, or anything derived from it without DP);
+``dp-release`` (made by the DP mechanism, or only from its releases and public data); ``evaluation``
+(aggregate scores against private data). Roles: ``private-source`` (reads the private data set),
+``dp-mechanism`` (DP fine-tuning: the one place private data may become a release), ``evaluation``
+(scoring against private data: may emit aggregates).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+SIDES = ("public", "private", "dp-release", "evaluation")
+AGGREGATE_SUFFIXES = (".json", ".png", ".tsv", ".csv", ".md")  # what an evaluation aggregate may be (or a dvclive/ folder)
+ROLES = ("private-source", "dp-mechanism", "evaluation")
+
+
+def read_stages(repo: str | os.PathLike = ".") -> dict:
+    return yaml.safe_load((Path(repo) / "dvc.yaml").read_text())["stages"]
+
+
+def outputs(stages: dict) -> list[tuple[str, str, dict]]:
+    """(stage, path, props) of every output."""
+    return [(name, *((o, {}) if isinstance(o, str) else next(iter(o.items()))))
+            for name, st in stages.items() for o in st.get("outs", [])]
+
+
+def output_sides(stages: dict) -> dict[str, str | None]:
+    return {path: (props.get("meta") or {}).get("side") for _, path, props in outputs(stages)}
+
+
+def allowed_sides(role: str | None, dep_sides: set[str]) -> set[str]:
+    """The sides an output may declare, given its stage's role and the sides of its inputs."""
+    if role == "private-source":
+        return {"private"}
+    if "private" in dep_sides:
+        return {"private", "dp-release"} if role == "dp-mechanism" else \
+            {"private", "evaluation"} if role == "evaluation" else {"private"}
+    if "evaluation" in dep_sides:
+        return {"evaluation", "private"}
+    if "dp-release" in dep_sides:
+        return {"dp-release", "evaluation", "private"}
+    return set(SIDES)
+
+
+def check_boundary(stages: dict, *, metrics: list | None = None, plots: list | None = None) -> list[str]:
+    """Every violation of the declared boundary, as sentences (empty when it holds)."""
+    errors = []
+    sides = output_sides(stages)
+    for name, st in stages.items():
+        role = (st.get("meta") or {}).get("role")
+        if role is not None and role not in ROLES:
+            errors.append(f"stage {name}: meta.role {role!r} is not one of {ROLES}")
+        reads_private_params = any(str(p).startswith("data.private") for p in st.get("params", []))
+        if reads_private_params and role != "private-source":
+            errors.append(f"stage {name} reads params data.private but is not meta.role private-source")
+        dep_sides = {sides[d] for d in st.get("deps", []) if d in sides}
+        for out in st.get("outs", []):
+            path, props = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+            side = (props.get("meta") or {}).get("side")
+            if side not in SIDES:
+                errors.append(f"{path} ({name}): meta.side {side!r} must be one of {SIDES}")
+                continue
+            ok = allowed_sides(role, dep_sides)
+            if side not in ok:
+                errors.append(f"{path} ({name}) is declared {side!r} but depends on {sorted(dep_sides)} "
+                              f"(stage role {role}): it must be one of {sorted(ok)}")
+            if side == "evaluation" and not (path.endswith(AGGREGATE_SUFFIXES) or path.startswith("dvclive/")):
+                errors.append(f"{path} ({name}) is declared 'evaluation' but is not a metrics, plot or table file: "
+                              f"only aggregates ({', '.join(AGGREGATE_SUFFIXES)}, dvclive/) may be")
+            if side == "private" and props.get("cache", True) and props.get("push", True):
+                errors.append(f"{path} ({name}) is private and cached: it needs push: false (never to the shared remote)")
+    private = [p for p, s in sides.items() if s == "private"]
+    for kind, entries in (("metrics", metrics or []), ("plots", plots or [])):
+        for e in entries:
+            f = e if isinstance(e, str) else next(iter(e))
+            if any(f == p or f.startswith(p.rstrip("/") + "/") for p in private):
+                errors.append(f"top-level {kind} lists {f}, a private output")
+    return errors
+
+
+def private_only_stages(stages: dict) -> set[str]:
+    """Stages all of whose outputs are private: their output stays out of Prefect logs."""
+    return {name for name, st in stages.items()
+            if st.get("outs") and all(s == "private" for n, _, props in outputs({name: st})
+                                      for s in [(props.get("meta") or {}).get("side")])}
