@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS=1
 export DO_NOT_TRACK=1
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: env repro test test-fast smoke flow sweep bench
+.PHONY: env repro test test-fast lint smoke flow sweep bench
 env:
 	./scripts/bootstrap.sh
 
@@ -18,6 +18,13 @@ repro: env
 
 test: env
 	python -m pytest -q
+
+# The tests not marked slow (no whole-pipeline runs, no servers): under 2 minutes.
+test-fast: env
+	python -m pytest -q -m "not slow"
+
+lint: env
+	ruff check .
 
 # The whole README first command on the tiny profile, in a fresh copy, from a PATH without the venv (CI runs it).
 smoke: env

@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/curves.png")
     args = ap.parse_args()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3))
-    for ax, (stage, metric, title, every, unit) in zip(axes, CURVES):
+    for ax, (stage, metric, title, every, unit) in zip(axes, CURVES, strict=False):
         f = Path("dvclive") / stage / "plots" / "metrics" / f"{metric}.tsv"
         if f.exists():
             df = pd.read_csv(f, sep="\t")

@@ -64,7 +64,8 @@ def main() -> None:
     ae_steps = c["ae"].epochs * math.ceil(n_train / c["ae"].batch_size)
     rows = [("pretrain_ae (channels_last)", c["ae"].batch_size,
              timed(make_ae_step(torch.channels_last), args.steps), ae_steps),
-            ("pretrain_ae (contiguous, as the stage runs)", c["ae"].batch_size, timed(make_ae_step(torch.contiguous_format), args.steps), ae_steps),
+            ("pretrain_ae (contiguous, as the stage runs)", c["ae"].batch_size,
+             timed(make_ae_step(torch.contiguous_format), args.steps), ae_steps),
             ("pretrain_ldm", c["ldm"].batch_size, timed(ldm_step, args.steps), c["ldm"].steps)]
     lines = [f"{platform.machine()}, {torch.get_num_threads()} threads, {args.steps} timed steps per row, random inputs", "",
              "| stage | batch | s / step | steps (params.yaml) | implied training time (min) |", "|---|---:|---:|---:|---:|"]

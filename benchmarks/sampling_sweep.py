@@ -10,7 +10,8 @@ per class with the same seed and reports:
   private *train* split) assigns to the class they were conditioned on;
 - fid_domain / kid_domain against the private train split (what `score_fid` reports);
 - with ``--tstr``: accuracy on the private *train* split of a SmallCNN trained on the samples (epoch chosen
-  on a synthetic validation split; epochs, batch, lr and split from params.yaml's `classifier`), the downstream task itself with train data standing in for test data;
+  on a synthetic validation split; epochs, batch, lr and split from params.yaml's `classifier`), the downstream task
+  itself with train data standing in for test data;
 - sampling seconds per 1,000 images on this machine.
 Both scores read the private train split outside the DP ledger, as the paper's hyperparameter choices
 do; the real test split is never opened here."""
@@ -31,9 +32,8 @@ from dpldm.diffusion import make_scheduler  # noqa: E402
 from dpldm.metrics import SmallCNN, fidelity, predict, register_domain_extractor, train_cnn  # noqa: E402
 from stages.classify import split_validation  # noqa: E402
 from stages.common import load_model_files, read_images, read_params  # noqa: E402
-from stages.encode import load_autoencoder  # noqa: E402
-from stages.pretrain_ldm import load_ldm  # noqa: E402
-from stages.sample import generate  # noqa: E402
+from dpldm.sampling import generate  # noqa: E402
+from stages.artifacts import load_autoencoder, load_ldm  # noqa: E402
 
 DEFAULT_SETTINGS = ["eta=1,steps=25,w=0", "eta=0,steps=25,w=0", "eta=0.5,steps=25,w=0",
                     "eta=1,steps=25,w=1", "eta=0,steps=25,w=1", "eta=0,steps=25,w=2"]
@@ -101,7 +101,8 @@ def main() -> None:
 
     lines = [f"Model `{args.ldm}`, {args.per_class} samples per class, seed {args.seed}; machine {platform.machine()}, "
              f"{args.threads} threads. Scores use the private train split only (never the test split).", "",
-             "| setting | label consistency (reference CNN) | fid_domain | kid_domain | CNN trained on samples, acc. on private train | s per 1k samples |",
+             "| setting | label consistency (reference CNN) | fid_domain | kid_domain "
+             "| CNN trained on samples, acc. on private train | s per 1k samples |",
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {t} | {c:.3f} | {f:.1f} | {k:.4f} | {a:.3f} | {s:.1f} |" for t, c, f, k, a, s in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
         if len(value) != len(args):
             _fail(key, value, f"a list of {len(args)} values")
-        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=False)))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             _fail(key, value, "a mapping")
@@ -328,6 +328,31 @@ class ClassifierConfig:
         check(self.max_train >= 0, "classifier.max_train", self.max_train, "an integer >= 0")
 
 
+@dataclass(frozen=True)
+class AuditConfig:
+    """The privacy audit (stage audit): white-box gradient canaries and black-box membership."""
+
+    canaries: int  # m Dirac gradient canaries, each included with probability 1/2
+    epochs: int  # epochs of the audit's own DP run (dp_finetune's noise, rate, clip and K)
+    guesses_in: int  # the auditor guesses "in" for this many top scores ...
+    guesses_out: int  # ... and "out" for this many bottom scores; it abstains on the rest
+    canary_norm_factor: float  # canary gradient norm before clipping, in units of finetune.clip_norm
+    confidence: float  # of the epsilon lower bound
+    membership_draws: int  # fixed (t, noise) draws per example for the black-box loss score
+    membership_examples: int  # per split (private train = members, private test = non-members)
+    seed: int  # the auditor's own secrets: inclusion bits, coordinates, canary sampling
+
+    def __post_init__(self):
+        check(self.canaries >= 2, "audit.canaries", self.canaries, "an integer >= 2")
+        check(self.epochs >= 1, "audit.epochs", self.epochs, "an integer >= 1")
+        check(self.guesses_in >= 0 and self.guesses_out >= 0 and 1 <= self.guesses_in + self.guesses_out <= self.canaries,
+              "audit.guesses_in", self.guesses_in, "guesses_in, guesses_out >= 0 with 1 <= their sum <= audit.canaries")
+        check(self.canary_norm_factor > 0, "audit.canary_norm_factor", self.canary_norm_factor, "a number > 0")
+        check(0.5 <= self.confidence < 1, "audit.confidence", self.confidence, "a number in [0.5, 1)")
+        check(self.membership_draws >= 1, "audit.membership_draws", self.membership_draws, "an integer >= 1")
+        check(self.membership_examples >= 2, "audit.membership_examples", self.membership_examples, "an integer >= 2")
+
+
 SECTIONS: dict[str, type] = {
     "runtime": RuntimeConfig,
     "data": DataConfig,
@@ -338,6 +363,7 @@ SECTIONS: dict[str, type] = {
     "sample": SampleConfig,
     "fid": FIDConfig,
     "classifier": ClassifierConfig,
+    "audit": AuditConfig,
 }
 
 

@@ -157,7 +157,8 @@ def _torchvision_mnist_like(cfg: DatasetConfig, train: bool):
     except RuntimeError as err:
         raw = Path(cfg.root) / cfg.source / "raw"
         if cfg.source == "EMNIST":
-            names = [f"emnist-{cfg.emnist_split}-{s}-{k}-idx{3 if k == 'images' else 1}-ubyte" for s in ("train", "test") for k in ("images", "labels")]
+            names = [f"emnist-{cfg.emnist_split}-{s}-{k}-idx{3 if k == 'images' else 1}-ubyte"
+                     for s in ("train", "test") for k in ("images", "labels")]
         else:
             names = [f"{s}-{k}-idx{3 if k == 'images' else 1}-ubyte" for s in ("train", "t10k") for k in ("images", "labels")]
         raise DataSourceError(
@@ -211,7 +212,8 @@ def _celeba(cfg: DatasetConfig, train: bool, attribute: str = "Male"):
     for name in files:
         images.append(_read_image(imgs / name, rgb=True, crop_square=True, size=cfg.image_size))
     labels = np.asarray([label_of[n] for n in files], dtype=np.int64)
-    return np.stack(images) if images else np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8), labels, [f"not {attribute}", attribute]
+    stacked = np.stack(images) if images else np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
+    return stacked, labels, [f"not {attribute}", attribute]
 
 
 def _read_image(path: Path, *, rgb: bool, crop_square: bool = False, size: int | None = None) -> np.ndarray:
@@ -276,7 +278,8 @@ def to_resolution(images: np.ndarray, *, size: int, channels: int) -> np.ndarray
         if channels == 3:
             images = np.repeat(images, 3, axis=-1)
         else:  # ITU-R 601 luma, as PIL's convert("L")
-            images = (images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().clip(0, 255).astype(np.uint8)[..., None]
+            luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+            images = luma.round().clip(0, 255).astype(np.uint8)[..., None]
     return images
 
 

@@ -145,5 +145,12 @@ def preset(name: str, *, ae: AEConfig, ldm: LDMConfig, **ldm_overrides) -> tuple
     return replace(ae, **p["ae"]), replace(ldm, **{**p["ldm"], **ldm_overrides}), c, s
 
 
+@torch.no_grad()
+def encode_mean(ae, x: torch.Tensor, *, batch_size: int, device) -> torch.Tensor:
+    """Posterior means of the frozen encoder, [N, c, h, w] (unscaled)."""
+    ae.eval()
+    return torch.cat([ae.encode(x[i:i + batch_size].to(device)).latent_dist.mean.cpu() for i in range(0, len(x), batch_size)])
+
+
 def count_params(module: nn.Module, *, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

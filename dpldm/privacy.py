@@ -147,8 +147,11 @@ class KAveragedDPOptimizer(DPOptimizer):
     def __init__(self, *args, noise_multiplicity: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.noise_multiplicity = noise_multiplicity
+        self.canaries = None  # dpldm.audit.GradientCanaries, set only by the privacy audit
 
     def clip_and_accumulate(self):
+        if self.canaries is not None and not self._check_skip_next_step(pop_next=False):
+            self.canaries.inject(self)  # row level, before the K rows are regrouped (audit only)
         k = self.noise_multiplicity
         if k > 1:
             for p in self.params:
@@ -157,6 +160,11 @@ class KAveragedDPOptimizer(DPOptimizer):
                     raise RuntimeError(f"{g.shape[0]} rows are not a multiple of K = {k}")
                 p.grad_sample = g.view(g.shape[0] // k, k, *p.shape).mean(1)  # [B, *p.shape], explicit B (may be 0)
         super().clip_and_accumulate()
+
+    def add_noise(self):
+        super().add_noise()
+        if self.canaries is not None:
+            self.canaries.observe(self)  # the white-box auditor reads the noisy summed gradient
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,12 +206,13 @@ def make_private(
     sampling_generator: torch.Generator,
     noise_generator: torch.Generator,
     secure_mode: bool = True,
+    optimizer_cls: type[KAveragedDPOptimizer] = KAveragedDPOptimizer,
 ) -> PrivateTraining:
     """opacus' pieces, put together as PrivacyEngine.make_private does, with our optimizer class and
     loader. Freeze parameters *before* calling this: hooks attach only to trainable modules. Pass
     ``secret_generator()``s unless the run is explicitly not a DP release."""
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    dp_opt = KAveragedDPOptimizer(
+    dp_opt = optimizer_cls(
         optimizer,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=max_grad_norm,

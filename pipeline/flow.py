@@ -147,7 +147,7 @@ def read_metrics(repo: str) -> dict:
     ledger = root / "reports/dp_finetune/ledger.json"
     if ledger.exists():
         out["ledger"] = json.loads(ledger.read_text())
-    for stage in ("score_fid", "score_classifier", "reference"):
+    for stage in ("score_fid", "score_classifier", "reference", "audit"):
         f = root / "dvclive" / stage / "metrics.json"
         if f.exists():
             out[stage] = json.loads(f.read_text())
@@ -178,6 +178,22 @@ def publish_artifacts(repo: str, results: list[dict]) -> dict:
         md += ["", f"Sample grid: [{grid.name}]({grid.as_uri()})"]
         create_markdown_artifact(key="dpldm-scores", markdown="\n".join(md), description="FID/KID and downstream accuracy")
         keys["scores"] = "dpldm-scores"
+    audit = m.get("audit")
+    if audit:
+        md = [f"**{audit.get('audit')}**", ""]
+        if "whitebox_epsilon_lower_bound" in audit:
+            md += [f"White-box gradient canaries: epsilon lower bound **{audit['whitebox_epsilon_lower_bound']:.3g}** at "
+                   f"{audit['whitebox_confidence']:.0%} confidence against the audit run's claimed "
+                   f"**{audit['audit_epsilon_claimed']:.3g}** ({audit['audit_steps']} steps, sigma "
+                   f"{audit['audit_noise_multiplier']:.3g}, K = {audit['audit_K']}); m = {audit['whitebox_canaries']} canaries, "
+                   f"{audit['whitebox_guesses']} guesses, {audit['whitebox_correct']} correct, "
+                   f"{audit['whitebox_abstentions']} abstentions.",
+                   f"Black-box membership (released model, private train vs test): AUC {audit['membership_auc']:.3f}, "
+                   f"TPR at 1% FPR {audit['membership_tpr_at_0.01_fpr']:.3f}.", "",
+                   "A lower bound, not a certificate: it detects bugs (noise missing, clipping skipped, K copies "
+                   "clipped separately); it cannot prove privacy."]
+        create_markdown_artifact(key="dpldm-audit", markdown="\n".join(md), description="Empirical privacy audit")
+        keys["audit"] = "dpldm-audit"
     return keys
 
 

@@ -24,6 +24,7 @@ import pandas as pd
 import yaml
 
 UPSTREAM = ("pretrain_ldm", "encode_private", "reference")
+TARGETS = ("score_fid", "score_classifier")  # what an experiment reproduces; the audit only with --with-audit
 LEDGER = "reports/dp_finetune/ledger.json:"
 COLUMNS = {  # table column -> dvc exp show column (metrics file:key, or params key)
     "epsilon_target": "finetune.epsilon", "layers": "finetune.layers", "mode": "finetune.mode",
@@ -64,9 +65,9 @@ def settings_of(epsilons: list[float], layers: list[str], extra: list[str]) -> l
     return out
 
 
-def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".", rerun: bool = False) -> None:
-    """Runs each setting as a named experiment; one that already exists is kept (an interrupted
-    sweep resumes) unless ``rerun``."""
+def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".", rerun: bool = False, audit: bool = False) -> None:
+    """Runs each setting as a named experiment (the stages up to the scores; the privacy audit too with
+    ``audit``); one that already exists is kept (an interrupted sweep resumes) unless ``rerun``."""
     dvc("repro", *UPSTREAM, repo=repo)
     params_file = Path(repo) / "params.yaml"
     original = params_file.read_text()
@@ -84,7 +85,7 @@ def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".", rerun: bool 
             args = ["exp", "run", "-n", name]
             for key, value in s.items():
                 args += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
-            dvc(*args, repo=repo)
+            dvc(*args, *TARGETS, *(("audit",) if audit else ()), repo=repo)
     finally:
         params_file.write_text(original)  # the workspace's own params stay as they were
 
@@ -119,6 +120,8 @@ def comparison(names: list[str] | None = None, *, repo: str = ".", num_commits: 
         for col, key in COLUMNS.items():
             # exp_show names a metric "file:key" only where the key repeats across metrics files
             row[col] = rec.get(key, rec.get(key.split(":")[-1]))
+        for col in ("private", "dp_release"):  # exp_show may give booleans as strings
+            row[col] = {"true": True, "false": False}.get(str(row[col]).lower(), row[col])
         rows.append(row)
     df = pd.DataFrame(rows)
     if names is not None and not df.empty:
@@ -192,13 +195,14 @@ def main(argv=None) -> None:
     ap.add_argument("--compare-only", action="store_true", help="skip running; rebuild the comparison")
     ap.add_argument("--num-commits", type=int, default=1, help="also list experiments branched from older commits")
     ap.add_argument("--rerun", action="store_true", help="replace experiments of the same name instead of keeping them")
+    ap.add_argument("--with-audit", action="store_true", help="also run the privacy audit stage in every experiment")
     args = ap.parse_args(argv)
     settings = settings_of(args.epsilons, args.layers, args.extra)
     if args.prefect:
         print(sweep_flow(args.epsilons, args.layers, args.extra, out_dir=args.out))
         return
     if not args.compare_only:
-        run_sweep(settings, rerun=args.rerun)
+        run_sweep(settings, rerun=args.rerun, audit=args.with_audit)
     df = comparison([n for n, _ in settings], num_commits=args.num_commits)
     print(df.to_markdown(index=False, floatfmt=".4g"))
     print(write_outputs(df, args.out))

@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -97,12 +98,17 @@ def seed_of(params: dict, stage: str) -> int:
     return getattr(load_section(params, "runtime").seeds, stage)
 
 
+def progress_enabled() -> bool:
+    """Progress bars on, unless DPLDM_PROGRESS=0 (the flow and the tests set it)."""
+    return os.environ.get("DPLDM_PROGRESS", "1") == "1"
+
+
 def progress(iterable=None, **kwargs):
     """tqdm that stays quiet in non-interactive logs unless asked (DPLDM_PROGRESS=1)."""
     from tqdm.auto import tqdm
 
     kwargs.setdefault("mininterval", 2.0)
-    kwargs.setdefault("disable", None if os.environ.get("DPLDM_PROGRESS", "1") == "1" else True)
+    kwargs.setdefault("disable", None if progress_enabled() else True)
     return tqdm(iterable, **kwargs)
 
 
@@ -200,6 +206,15 @@ def read_images(path, *, split: str | None = None) -> tuple[np.ndarray, np.ndarr
     raw = table.column("image").to_pylist()
     images = np.stack([decode_png(b, c) for b in raw]) if raw else np.zeros((0, meta["height"], meta["width"], c), np.uint8)
     return images, table.column("label").to_numpy().astype(np.int64), meta
+
+
+def npz_rows(path, key: str) -> int:
+    """Number of rows of one array in an .npz, from its header only (no private values read)."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as fh:
+        major, _ = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(fh)
+    return int(shape[0])
 
 
 def save_npz(path, **arrays) -> None:

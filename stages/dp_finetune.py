@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -28,21 +27,13 @@ from dpldm.diffusion import eps_loss, make_scheduler
 from dpldm.models import attention_modules
 from dpldm.privacy import (PrivacyConfigError, make_private, plan_dp, secret_generator, select_trainable, steps_per_epoch_of,
                            train_epoch, validate_plan_inputs)
-from stages.common import (ConfigError, atomic_path, file_sha, live, progress, read_json, save_model, seed_of, setup_runtime,
+from stages.common import (ConfigError, atomic_path, file_sha, live, npz_rows, progress, read_json, save_model, seed_of,
+                           setup_runtime,
                            stage_main, write_json)
-from stages.pretrain_ldm import load_ldm
+from stages.artifacts import load_ldm
 
 INPUTS = ("ldm", "latents")
 OUTPUTS = ("model", "ledger", "checkpoint", "live")
-
-
-def npz_rows(path, key: str) -> int:
-    """Number of rows of one array in an .npz, from its header only (no private values read)."""
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as fh:
-        major, _ = np.lib.format.read_magic(fh)
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, _, _ = read_header(fh)
-    return int(shape[0])
 
 
 SECRET_NOISE = ("secret: torch.Generator seeded from os.urandom (64 bits, not a CSPRNG stream), opacus secure_mode "
@@ -98,7 +89,8 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     private = bool(cfg.private and cfg.mode != "none")
     ledger = {
         **release_of(cfg), "private": private,
-        "noise_source": (SEEDED_NOISE if cfg.reproducible_noise else SECRET_NOISE) if private else None, "mode": cfg.mode, "layers": list(cfg.layers),
+        "noise_source": (SEEDED_NOISE if cfg.reproducible_noise else SECRET_NOISE) if private else None,
+        "mode": cfg.mode, "layers": list(cfg.layers),
         "train_embedder": cfg.train_embedder, "selected_attention_modules": [m.name for m in mods[cfg.layers[0] - 1:cfg.layers[1]]]
         if cfg.mode == "attention" else ([m.name for m in mods] if cfg.mode == "full" else []),
         "trainable_params": n_trainable, "total_params": n_total, "trainable_share": n_trainable / n_total,

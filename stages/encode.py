@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from dpldm.config import AEConfig, from_mapping, load_section
+from dpldm.config import load_section
 from dpldm.data import images_to_tensor
-from dpldm.models import build_autoencoder
-from stages.common import log_live_metrics, load_model_files, read_images, save_npz, setup_runtime
-from stages.pretrain_ae import encode_mean
+from dpldm.models import encode_mean
+from stages.artifacts import load_autoencoder
+from stages.common import log_live_metrics, read_images, save_npz, setup_runtime
 
 INPUTS = ("images", "ae")
 OUTPUTS = ("latents", "live")
-
-
-def load_autoencoder(folder):
-    state, conf = load_model_files(folder, generator=True)
-    fields = {k: v for k, v in conf.items() if k in AEConfig.__dataclass_fields__}
-    ae = build_autoencoder(from_mapping(AEConfig, fields, prefix="ae"), channels=conf["channels"], image_size=conf["image_size"])
-    ae.load_state_dict(state)
-    ae.eval().requires_grad_(False)
-    return ae, conf
 
 
 def run_encode(params: dict, inputs: dict, outputs: dict) -> dict:

@@ -12,19 +12,12 @@ import torch.nn.functional as F
 
 from dpldm.config import load_section, to_dict
 from dpldm.data import images_to_tensor, tensor_to_images
-from dpldm.models import build_autoencoder, latent_shape
+from dpldm.models import build_autoencoder, encode_mean, latent_shape
 from stages.common import (image_grid, live, progress, read_images, save_model, save_png, seed_of, setup_runtime,
                            stage_main)
 
 INPUTS = ("public",)
 OUTPUTS = ("model", "grid", "live")
-
-
-@torch.no_grad()
-def encode_mean(ae, x: torch.Tensor, *, batch_size: int, device) -> torch.Tensor:
-    """Posterior means of the frozen encoder, [N, c, h, w] (unscaled)."""
-    ae.eval()
-    return torch.cat([ae.encode(x[i:i + batch_size].to(device)).latent_dist.mean.cpu() for i in range(0, len(x), batch_size)])
 
 
 def run(params: dict, inputs: dict, outputs: dict) -> dict:
@@ -43,7 +36,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     with live(outputs["live"]) as lv:
         bar = progress(total=total, desc="pretrain_ae")
         step = 0
-        for epoch in range(cfg.epochs):
+        for _epoch in range(cfg.epochs):
             ae.train()
             perm = torch.randperm(len(x), generator=g)
             for i in range(0, len(x), cfg.batch_size):

@@ -13,24 +13,13 @@ import torch
 from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
-from dpldm.config import LDMConfig, from_mapping, load_section, to_dict
+from dpldm.config import load_section, to_dict
 from dpldm.diffusion import eps_loss, make_scheduler
 from dpldm.models import ConditionalUNet, attention_modules, build_ldm
-from stages.common import atomic_path, file_sha, live, load_model_files, progress, save_model, seed_of, setup_runtime, stage_main
+from stages.common import atomic_path, file_sha, live, progress, save_model, seed_of, setup_runtime, stage_main
 
 INPUTS = ("latents",)
 OUTPUTS = ("model", "checkpoint", "live")
-
-
-def load_ldm(folder) -> tuple[ConditionalUNet, LDMConfig, dict]:
-    state, conf = load_model_files(folder, generator=True)
-    cfg = from_mapping(LDMConfig, {k: v for k, v in conf.items() if k in LDMConfig.__dataclass_fields__}, prefix="ldm")
-    model = build_ldm(cfg, latent_channels=conf["latent_shape"][0], latent_size=conf["latent_shape"][1])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise RuntimeError(f"checkpoint {folder} does not match the architecture in its config.json: {err}") from None
-    return model, cfg, conf
 
 
 def _from_pretrained(model: ConditionalUNet, path: Path) -> None:

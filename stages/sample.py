@@ -4,29 +4,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dpldm.data import tensor_to_images
-from dpldm.diffusion import ddim_sample, make_scheduler
+from dpldm.diffusion import make_scheduler
+from dpldm.sampling import generate
 from dpldm.config import load_section
-from stages.common import (image_grid, log_live_metrics, progress, release_stamp, save_png, seed_of, setup_runtime, stage_main,
+from stages.common import (image_grid, log_live_metrics, progress_enabled, release_stamp, save_png, seed_of, setup_runtime, stage_main,
                            write_images)
-from stages.encode import load_autoencoder
-from stages.pretrain_ldm import load_ldm
+from stages.artifacts import load_autoencoder, load_ldm
 
 INPUTS = ("ldm", "ae")
 OUTPUTS = ("samples", "grid", "live")
-
-
-def generate(model, ae, labels: torch.Tensor, *, ldm_cfg, latent_shape, latent_scale: float, scheduler, steps: int,
-             eta: float, guidance_scale: float, batch_size: int, generator: torch.Generator, device="cpu") -> np.ndarray:
-    """DDIM latents for ``labels`` in batches, decoded by the AE: uint8 images (N, H, W, C)."""
-    images = []
-    for i in progress(range(0, len(labels), batch_size), desc="sample"):
-        yb = labels[i:i + batch_size]
-        z = ddim_sample(model, yb, shape=tuple(latent_shape), scheduler=scheduler, steps=steps, eta=eta,
-                        guidance_scale=guidance_scale, null_class=ldm_cfg.num_classes, generator=generator, device=device)
-        with torch.no_grad():
-            images.append(tensor_to_images(ae.decode(z / latent_scale).sample))
-    return np.concatenate(images)
 
 
 def run(params: dict, inputs: dict, outputs: dict) -> dict:
@@ -41,7 +27,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     labels = torch.arange(ldm_cfg.num_classes).repeat_interleave(cfg.per_class)
     images = generate(model, ae, labels, ldm_cfg=ldm_cfg, latent_shape=conf["latent_shape"],
                       latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler, steps=cfg.steps, eta=cfg.eta,
-                      guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size,
+                      guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size, show_progress=progress_enabled(),
                       generator=torch.Generator().manual_seed(seed), device=device)
     y = labels.numpy()
     stamp = release_stamp(conf)  # "DP release (...)" or "not a DP release: ...", from dp_finetune

@@ -12,7 +12,10 @@ def project_imports(module_path: Path, seen=None) -> set[str]:
     seen = set() if seen is None else seen
     tree = ast.parse(module_path.read_text())
     for node in ast.walk(tree):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
         for name in names:
             if name.split(".")[0] in ("dpldm", "stages"):
                 rel = name.replace(".", "/") + ".py"
@@ -49,3 +52,18 @@ def test_params_are_only_the_sections_each_stage_reads():
     assert "finetune" not in str(stages["sample"]["params"]) and stages["dp_finetune"]["params"][0] == "finetune"
     for early in ("prepare_public", "prepare_private", "pretrain_ae", "encode_public", "encode_private", "pretrain_ldm", "reference"):
         assert not any(p.startswith(("finetune", "sample")) for p in stages[early]["params"]), early
+
+
+def test_no_stage_imports_another_stage_and_no_stale_code_deps():
+    """Shared code lives in the library or in the shared stage modules (common, artifacts, prepare,
+    encode, classify), never in another stage's module; and a stage lists no code it does not import
+    (a stale dep re-runs it for nothing)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    stage_modules = {st["cmd"].split()[2].replace(".", "/") + ".py" for st in stages.values()}
+    for name, st in stages.items():
+        path = st["cmd"].split()[2].replace(".", "/") + ".py"
+        imported = project_imports(ROOT / path)
+        assert not (imported & stage_modules) - {path}, f"{name} imports stage modules {sorted((imported & stage_modules) - {path})}"
+        code_deps = {d for d in st["deps"] if d.endswith(".py")}
+        stale = code_deps - imported - {path}
+        assert not stale, f"{name} lists {sorted(stale)} in dvc.yaml but does not import them"

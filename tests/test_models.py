@@ -58,7 +58,7 @@ def test_opacus_validator_passes():
 def test_checkpoint_roundtrip_identical_outputs(tmp_path):
     from stages.common import save_model
     from dpldm.config import to_dict
-    from stages.pretrain_ldm import load_ldm
+    from stages.artifacts import load_ldm
 
     ldm_cfg = cfg("ldm")
     model = build_ldm(ldm_cfg, latent_channels=4, latent_size=8).eval()
@@ -72,7 +72,7 @@ def test_checkpoint_roundtrip_identical_outputs(tmp_path):
 def test_checkpoint_of_other_architecture_is_refused(tmp_path):
     from stages.common import save_model
     from dpldm.config import to_dict
-    from stages.pretrain_ldm import load_ldm
+    from stages.artifacts import load_ldm
 
     model = build_ldm(cfg("ldm"), latent_channels=4, latent_size=8)
     save_model(tmp_path / "m", state_dict=model.state_dict(), config=to_dict(cfg("ldm", block_out_channels=(32, 32))),

@@ -9,7 +9,9 @@ import yaml
 
 from helpers import ROOT, dvc_stale, run, set_param
 
-DOWNSTREAM_OF_FINETUNE = {"dp_finetune", "sample", "score_fid", "score_classifier"}
+pytestmark = pytest.mark.slow
+
+DOWNSTREAM_OF_FINETUNE = {"dp_finetune", "sample", "score_fid", "score_classifier", "audit"}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def test_flow_tasks_equal_dvc_yaml_stages():
 
 def test_first_run_executes_every_stage_and_publishes_artifacts(tiny_pipeline, harness):
     ran = flow_run(tiny_pipeline)
-    assert all(ran.values()) and len(ran) == 11, ran
+    assert all(ran.values()) and len(ran) == 12, ran
     from prefect.artifacts import Artifact
 
     ledger = json.loads((tiny_pipeline / "reports/dp_finetune/ledger.json").read_text())
@@ -67,6 +69,16 @@ def test_ledger_is_the_accountants_and_within_budget(tiny_pipeline):
     assert led["steps"] == led["epochs"] * round(1 / led["sample_rate"])
     metrics = run(["dvc", "metrics", "show", "--json"], tiny_pipeline).stdout
     assert "epsilon_spent" in metrics and "fid_domain" in metrics and "cnn_accuracy" in metrics
+    assert "whitebox_epsilon_lower_bound" in metrics and "membership_auc" in metrics
+
+
+def test_audit_stage_reports_a_bound_below_the_claim(tiny_pipeline, harness):
+    audit = json.loads((tiny_pipeline / "dvclive/audit/metrics.json").read_text())
+    assert audit["whitebox_canaries"] == 1000 and audit["whitebox_guesses"] == 200
+    assert 0 <= audit["whitebox_epsilon_lower_bound"] < audit["audit_epsilon_claimed"]
+    assert audit["whitebox_bound_exceeds_claim"] == 0 and audit["audit"].startswith("bound below the claim")
+    assert 0.0 <= audit["membership_auc"] <= 1.0
+    assert "epsilon lower bound" in _artifact_text("dpldm-audit")
 
 
 def test_frozen_parameters_bit_identical_selected_changed(tiny_pipeline):
@@ -81,16 +93,9 @@ def test_frozen_parameters_bit_identical_selected_changed(tiny_pipeline):
             assert torch.equal(before[name], after[name]), name
 
 
-def test_changing_epsilon_reruns_exactly_the_stages_after_pretraining(tiny_pipeline, harness):
-    set_param(tiny_pipeline, "finetune.epsilon", 5.0)
-    assert dvc_stale(tiny_pipeline) == {"dp_finetune"}
-    ran = flow_run(tiny_pipeline)
-    assert {s for s, r in ran.items() if r} == DOWNSTREAM_OF_FINETUNE
-
-
 def test_changing_layers_or_private_data_marks_only_their_stages(tiny_pipeline):
     set_param(tiny_pipeline, "finetune.layers", [4, 7])
-    assert dvc_stale(tiny_pipeline) == {"dp_finetune"}
+    assert dvc_stale(tiny_pipeline) == {"dp_finetune", "audit"}
     set_param(tiny_pipeline, "finetune.layers", [1, 7])
     set_param(tiny_pipeline, "data.private.n_test", 90)
     assert dvc_stale(tiny_pipeline) == {"prepare_private"}
@@ -98,10 +103,28 @@ def test_changing_layers_or_private_data_marks_only_their_stages(tiny_pipeline):
     assert dvc_stale(tiny_pipeline) == set()
 
 
-def test_changing_ldm_params_does_not_rerun_autoencoder_or_encoding(tiny_pipeline, harness):
+def descendants(stage: str) -> set[str]:
+    """Stages downstream of ``stage`` in dvc.yaml's graph (through outputs listed as deps)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    produced = {(o if isinstance(o, str) else next(iter(o))): n for n, st in stages.items() for o in st["outs"]}
+    found, frontier = set(), {stage}
+    while frontier:
+        nxt = {n for n, st in stages.items() for d in st["deps"] if produced.get(d) in frontier} - found
+        found |= nxt
+        frontier = nxt
+    return found
+
+
+def test_changing_ldm_params_does_not_rerun_autoencoder_or_encoding(tiny_pipeline):
+    """An ldm change makes only pretrain_ldm stale; what can re-run after it is its descendants, which
+    are the fine-tuning stages, never the AE or the encoding."""
     set_param(tiny_pipeline, "ldm.lr", 0.002)
-    ran = flow_run(tiny_pipeline)
-    assert {s for s, r in ran.items() if r} == {"pretrain_ldm"} | DOWNSTREAM_OF_FINETUNE
+    try:
+        assert dvc_stale(tiny_pipeline) == {"pretrain_ldm"}
+    finally:
+        set_param(tiny_pipeline, "ldm.lr", 0.001)
+    assert descendants("pretrain_ldm") == DOWNSTREAM_OF_FINETUNE
+    assert not descendants("pretrain_ldm") & {"pretrain_ae", "encode_public", "encode_private", "prepare_public"}
 
 
 def _artifact_text(key):
@@ -111,33 +134,35 @@ def _artifact_text(key):
     return f"{art.description} {art.data}"
 
 
-def test_default_run_is_a_dp_release_and_says_so(tiny_pipeline):
+def test_default_run_is_a_dp_release_and_says_so(tiny_pipeline, harness):
     led = json.loads((tiny_pipeline / "reports/dp_finetune/ledger.json").read_text())
     assert led["dp_release"] is True and led["release"].startswith("DP release") and "os.urandom" in led["noise_source"]
     assert "DP release" in _artifact_text("dpldm-scores") and "NOT A DP RELEASE" not in _artifact_text("dpldm-scores")
 
 
-def test_reproducible_noise_stamps_every_downstream_output(tiny_pipeline, harness):
+def test_changing_epsilon_reruns_exactly_the_stages_after_pretraining_and_seeded_noise_stamps_them(tiny_pipeline, harness):
+    """One flow run after changing finetune params (epsilon, and the seeded-noise switch): exactly the
+    stages after pretraining run, and the "not a DP release" stamp reaches every output made from it."""
     import pyarrow.parquet as pq
 
+    set_param(tiny_pipeline, "finetune.epsilon", 5.0)
+    assert dvc_stale(tiny_pipeline) == {"dp_finetune", "audit"}
     set_param(tiny_pipeline, "finetune.reproducible_noise", True)
-    try:
-        ran = flow_run(tiny_pipeline)
-        assert {s for s, r in ran.items() if r} == DOWNSTREAM_OF_FINETUNE
-        stamp = "not a DP release"
-        led = json.loads((tiny_pipeline / "reports/dp_finetune/ledger.json").read_text())
-        assert led["dp_release"] is False and stamp in led["release"]
-        conf = json.loads((tiny_pipeline / "models/ldm_private/config.json").read_text())
-        assert conf["release"]["dp_release"] is False
-        meta = json.loads(pq.read_schema(tiny_pipeline / "data/samples/samples.parquet").metadata[b"dpldm"])
-        assert meta["release"]["dp_release"] is False and stamp in meta["release"]["release"]
-        for stage in ("sample", "score_fid", "score_classifier"):
-            assert stamp in json.loads((tiny_pipeline / f"dvclive/{stage}/metrics.json").read_text())["release"], stage
-        shown = run(["dvc", "metrics", "show", "--json"], tiny_pipeline).stdout
-        assert shown.count(stamp) >= 4  # ledger, sample, score_fid, score_classifier
-        assert stamp in _artifact_text("dpldm-privacy-ledger") and "NOT A DP RELEASE" in _artifact_text("dpldm-scores")
-    finally:
-        set_param(tiny_pipeline, "finetune.reproducible_noise", False)
+    ran = flow_run(tiny_pipeline)
+    assert {s for s, r in ran.items() if r} == DOWNSTREAM_OF_FINETUNE
+    stamp = "not a DP release"
+    led = json.loads((tiny_pipeline / "reports/dp_finetune/ledger.json").read_text())
+    assert led["dp_release"] is False and stamp in led["release"] and led["target_epsilon"] == 5.0
+    conf = json.loads((tiny_pipeline / "models/ldm_private/config.json").read_text())
+    assert conf["release"]["dp_release"] is False
+    meta = json.loads(pq.read_schema(tiny_pipeline / "data/samples/samples.parquet").metadata[b"dpldm"])
+    assert meta["release"]["dp_release"] is False and stamp in meta["release"]["release"]
+    for stage in ("sample", "score_fid", "score_classifier"):
+        assert stamp in json.loads((tiny_pipeline / f"dvclive/{stage}/metrics.json").read_text())["release"], stage
+    shown = run(["dvc", "metrics", "show", "--json"], tiny_pipeline).stdout
+    assert shown.count(stamp) >= 4  # ledger, sample, score_fid, score_classifier
+    assert stamp in _artifact_text("dpldm-privacy-ledger") and "NOT A DP RELEASE" in _artifact_text("dpldm-scores")
+    set_param(tiny_pipeline, "finetune.reproducible_noise", False)
 
 
 def test_sweep_over_two_epsilons_builds_table_and_plot(tiny_pipeline, harness):
@@ -147,19 +172,15 @@ def test_sweep_over_two_epsilons_builds_table_and_plot(tiny_pipeline, harness):
     sh(["git", "add", "-A"], tiny_pipeline)
     sh(["git", "commit", "-qm", "built"], tiny_pipeline)
     # the first setting changes a key the later ones don't set: they must not inherit it
-    settings = settings_of([], [], ["frozen:finetune.mode=none", "seeded:finetune.reproducible_noise=true"]) \
-        + settings_of([2.0, 8.0], [], [])
+    settings = settings_of([], [], ["seeded:finetune.reproducible_noise=true"]) + settings_of([2.0, 8.0], [], [])
     run_sweep(settings, repo=str(tiny_pipeline))
     full = comparison([n for n, _ in settings], repo=str(tiny_pipeline))
     is_base = full["experiment"].str.startswith("baseline@")
     assert is_base.sum() == 1  # the committed run the experiments branch from, as `dvc exp show` lists it
-    assert full.loc[full["experiment"] == "frozen", "mode"].tolist() == ["none"]
-    assert "public model" in full.loc[full["experiment"] == "frozen", "release"].item()
     assert "not a DP release" in full.loc[full["experiment"] == "seeded", "release"].item()
-    df = full[~is_base & ~full["experiment"].isin(["frozen", "seeded"])].reset_index(drop=True)
+    df = full[~is_base & (full["experiment"] != "seeded")].reset_index(drop=True)
     assert df["release"].str.startswith("DP release").all() and df["private"].tolist() == df["dp_release"].tolist() == [True, True]
-    assert not full.loc[full["experiment"] == "seeded", "dp_release"].item()
-    assert not full.loc[full["experiment"] == "frozen", "private"].item()
+    assert full.loc[full["experiment"] == "seeded", "dp_release"].item() is False
     assert df["experiment"].tolist() == ["eps2", "eps8"]
     assert df["mode"].tolist() == ["attention", "attention"]
     assert [float(e) for e in df["epsilon_target"]] == [2.0, 8.0]

@@ -47,7 +47,7 @@ def explicit_clipped_sum(model, names, b, k, clip, seed=0):
         grads = torch.autograd.grad(loss, [params[n] for n in names])
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
         factor = min(1.0, clip / (float(norm) + 1e-6))
-        for n, g in zip(names, grads):
+        for n, g in zip(names, grads, strict=False):
             total[n] += factor * g
     return total
 
@@ -101,7 +101,7 @@ def test_dp_step_without_noise_or_clipping_equals_plain_step():
     opt_dp.step()
     per_row_loss(model_plain, zt, t, y, noise).mean().backward()
     opt_plain.step()
-    for a, b in zip(model_dp.state_dict().values(), model_plain.state_dict().values()):
+    for a, b in zip(model_dp.state_dict().values(), model_plain.state_dict().values(), strict=False):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -116,7 +116,7 @@ def test_empty_poisson_batch_takes_a_noise_only_step():
     for p in params:
         p.grad_sample = torch.zeros(0, *p.shape)
     opt.step()
-    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+    assert all(not torch.equal(a, p) for a, p in zip(before, params, strict=False))
 
 
 def test_selection_freezes_everything_else():

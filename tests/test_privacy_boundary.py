@@ -55,7 +55,7 @@ def test_a_stage_bypassing_dp_finetune_is_caught(dvc_yaml):
 
 
 def test_private_outputs_never_leave_the_private_side(dvc_yaml):
-    for stage, path, props in outputs(dvc_yaml["stages"]):
+    for _stage, path, props in outputs(dvc_yaml["stages"]):
         if props["meta"]["side"] != "private":
             continue
         if props.get("cache", True):
@@ -78,8 +78,7 @@ def test_reference_model_is_marked_and_generators_refuse_it(tmp_path):
     import torch
 
     from stages.common import ConfigError, load_model_files, save_model
-    from stages.encode import load_autoencoder
-    from stages.pretrain_ldm import load_ldm
+    from stages.artifacts import load_autoencoder, load_ldm
 
     save_model(tmp_path / "ref", state_dict={"w": torch.zeros(1)}, config={"evaluation_only": True, "dp": False})
     for loader in (load_ldm, load_autoencoder):

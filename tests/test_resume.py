@@ -8,6 +8,8 @@ import yaml
 
 from helpers import run
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def upstream(tiny_pipeline):
@@ -138,7 +140,8 @@ def test_bad_inputs_fail_before_private_data_is_read(upstream, tmp_path, monkeyp
 
     params = params_of(upstream)
     inputs = {"ldm": str(upstream / "models/ldm_public"), "latents": str(upstream / "data/latents/private.npz")}
-    outs = {"model": str(tmp_path / "m"), "ledger": str(tmp_path / "l.json"), "checkpoint": str(tmp_path / "ck"), "live": str(tmp_path / "lv")}
+    outs = {"model": str(tmp_path / "m"), "ledger": str(tmp_path / "l.json"), "checkpoint": str(tmp_path / "ck"),
+            "live": str(tmp_path / "lv")}
     monkeypatch.setattr(np, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("private latents were read")))
     for key, value, needle in (("layers", [2, 9], "finetune.layers"), ("delta", 0.01, "finetune.delta"),
                                ("batch_size", 100000, "finetune.batch_size")):
