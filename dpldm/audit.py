@@ -148,6 +148,23 @@ def membership_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray, *, f
     return {"membership_auc": float(roc_auc_score(y, s)), f"membership_tpr_at_{fpr:g}_fpr": float(np.interp(fpr, f, t))}
 
 
+def balanced_subset(labels: np.ndarray, n: int, *, seed: int) -> np.ndarray:
+    """Indices of a seeded, class-balanced subset of at most ``n`` examples (as equal per class as the data
+    allow). Members and non-members must be compared on the same class mix: splits stored class by class
+    would otherwise compare classes, not membership."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    picked: list[int] = []
+    k = 0
+    while len(picked) < min(n, len(labels)):
+        for idx in per_class:  # round robin over the classes
+            if k < len(idx) and len(picked) < n:
+                picked.append(int(idx[k]))
+        k += 1
+    return np.sort(np.asarray(picked, dtype=np.int64))
+
+
 @torch.no_grad()
 def denoising_losses(model, z: torch.Tensor, y: torch.Tensor, *, scheduler, draws: int, batch_size: int,
                      seed: int, device="cpu") -> np.ndarray:

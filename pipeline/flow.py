@@ -188,8 +188,9 @@ def publish_artifacts(repo: str, results: list[dict]) -> dict:
                    f"{audit['audit_noise_multiplier']:.3g}, K = {audit['audit_K']}); m = {audit['whitebox_canaries']} canaries, "
                    f"{audit['whitebox_guesses']} guesses, {audit['whitebox_correct']} correct, "
                    f"{audit['whitebox_abstentions']} abstentions.",
-                   f"Black-box membership (released model, private train vs test): AUC {audit['membership_auc']:.3f}, "
-                   f"TPR at 1% FPR {audit['membership_tpr_at_0.01_fpr']:.3f}.", "",
+                   f"Black-box membership (released model, class-balanced private train vs test): AUC "
+                   f"{audit['membership_auc']:.3f}, TPR at 1% FPR {audit['membership_tpr_at_0.01_fpr']:.3f}; the public "
+                   f"model (never trained on either) as control: AUC {audit['membership_auc_public_model']:.3f}.", "",
                    "A lower bound, not a certificate: it detects bugs (noise missing, clipping skipped, K copies "
                    "clipped separately); it cannot prove privacy."]
         create_markdown_artifact(key="dpldm-audit", markdown="\n".join(md), description="Empirical privacy audit")

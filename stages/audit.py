@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from dpldm.audit import GradientCanaries, denoising_losses, membership_auc
+from dpldm.audit import GradientCanaries, balanced_subset, denoising_losses, membership_auc
 from dpldm.config import load_section
 from dpldm.diffusion import eps_loss, make_scheduler
 from dpldm.privacy import (PrivacyConfigError, epsilon_of, make_private, plan_dp, secret_generator, select_trainable,
@@ -75,19 +75,24 @@ def white_box(params: dict, inputs: dict, *, device) -> dict:
 
 
 def black_box(params: dict, inputs: dict, *, device) -> dict:
+    """Membership scores of the released model, and of the public model (never trained on either split)
+    as the control: its AUC should be about 0.5; what the released model adds over it is membership."""
     acfg = load_section(params, "audit")
-    model, ldm_cfg, _ = load_ldm(inputs["released"])
-    model.to(device).eval()
     data = np.load(inputs["latents"])
-    scheduler = make_scheduler(ldm_cfg)
-    scores = {}
-    for split in ("train", "test"):
-        z = torch.from_numpy(data[f"{split}_latents"])[:acfg.membership_examples]
-        y = torch.from_numpy(data[f"{split}_labels"]).long()[:acfg.membership_examples]
-        scores[split] = -denoising_losses(model, z, y, scheduler=scheduler, draws=acfg.membership_draws, batch_size=250,
-                                          seed=acfg.seed, device=device)
-    out = membership_auc(scores["train"], scores["test"], fpr=0.01)
-    out.update(membership_members=len(scores["train"]), membership_nonmembers=len(scores["test"]))
+    split = {}
+    for name in ("train", "test"):
+        labels = data[f"{name}_labels"]
+        idx = balanced_subset(labels, acfg.membership_examples, seed=acfg.seed)
+        split[name] = (torch.from_numpy(data[f"{name}_latents"][idx]), torch.from_numpy(labels[idx]).long())
+    out = {}
+    for tag, folder in (("", inputs["released"]), ("_public_model", inputs["ldm"])):
+        model, ldm_cfg, _ = load_ldm(folder)
+        model.to(device).eval()
+        scheduler = make_scheduler(ldm_cfg)
+        scores = {name: -denoising_losses(model, z, y, scheduler=scheduler, draws=acfg.membership_draws, batch_size=250,
+                                          seed=acfg.seed, device=device) for name, (z, y) in split.items()}
+        out.update({f"{k}{tag}": v for k, v in membership_auc(scores["train"], scores["test"], fpr=0.01).items()})
+    out.update(membership_members=len(split["train"][0]), membership_nonmembers=len(split["test"][0]))
     return out
 
 

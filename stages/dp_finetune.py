@@ -59,7 +59,8 @@ def total_epsilon(attempts: list[dict], data_sha: str) -> float:
     for a in attempts:
         if a["data_sha"] != data_sha or not a.get("uses_private_data", True):
             continue
-        if not a["dp"]:
+        # records from before secret noise have no "dp": their noise was seeded from params, so no epsilon held
+        if not a.get("dp", False):
             return math.inf
         total += a["epsilon_spent"] if a["status"] == "completed" else a["target_epsilon"]
     return total

@@ -93,3 +93,14 @@ def test_membership_auc():
     assert abs(same["membership_auc"] - 0.5) < 0.05
     apart = membership_auc(rng.normal(3, 1, size=2000), rng.normal(size=2000))
     assert apart["membership_auc"] > 0.95 and apart["membership_tpr_at_0.01_fpr"] > 0.5
+
+
+def test_balanced_subset_matches_the_class_mix_whatever_the_storage_order():
+    from dpldm.audit import balanced_subset
+
+    stored_by_class = np.repeat(np.arange(10), 400)  # as the private train split is stored
+    idx = balanced_subset(stored_by_class, 1000, seed=0)
+    assert len(idx) == len(set(idx.tolist())) == 1000
+    assert np.bincount(stored_by_class[idx]).tolist() == [100] * 10  # not the first 1,000 (classes 0-2)
+    small = balanced_subset(np.array([0, 0, 0, 1]), 3, seed=0)
+    assert sorted(np.bincount(np.array([0, 0, 0, 1])[small]).tolist()) == [1, 2]

@@ -77,7 +77,7 @@ def test_audit_stage_reports_a_bound_below_the_claim(tiny_pipeline, harness):
     assert audit["whitebox_canaries"] == 1000 and audit["whitebox_guesses"] == 200
     assert 0 <= audit["whitebox_epsilon_lower_bound"] < audit["audit_epsilon_claimed"]
     assert audit["whitebox_bound_exceeds_claim"] == 0 and audit["audit"].startswith("bound below the claim")
-    assert 0.0 <= audit["membership_auc"] <= 1.0
+    assert 0.0 <= audit["membership_auc"] <= 1.0 and 0.0 <= audit["membership_auc_public_model"] <= 1.0
     assert "epsilon lower bound" in _artifact_text("dpldm-audit")
 
 

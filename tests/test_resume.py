@@ -149,3 +149,14 @@ def test_bad_inputs_fail_before_private_data_is_read(upstream, tmp_path, monkeyp
         bad["finetune"][key] = value
         with pytest.raises(ConfigError, match=needle):
             dp_finetune.run(bad, inputs, outs)
+
+
+def test_attempts_recorded_before_secret_noise_void_the_total():
+    from stages.dp_finetune import total_epsilon
+
+    legacy = [{"data_sha": "d", "private": True, "target_epsilon": 10.0, "status": "completed", "epsilon_spent": 9.99}]
+    assert total_epsilon(legacy, "d") == float("inf")
+    current = [{**legacy[0], "dp": True}, {**legacy[0], "dp": True, "status": "started"}]
+    assert total_epsilon(current, "d") == pytest.approx(19.99)
+    assert total_epsilon(current + [{"data_sha": "d", "dp": False, "uses_private_data": False}], "d") == pytest.approx(19.99)
+    assert total_epsilon(current, "other") == 0.0
