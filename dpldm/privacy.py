@@ -179,6 +179,14 @@ def secret_generator(device: str | torch.device = "cpu") -> torch.Generator:
     return g
 
 
+def dp_generators(*, reproducible: bool, seed: int, device: str | torch.device = "cpu") -> tuple[torch.Generator, torch.Generator]:
+    """(Poisson sampling, DP noise) generators: secret by default; seeded from ``seed`` only for a run that
+    is explicitly not a DP release (``finetune.reproducible_noise``)."""
+    if reproducible:
+        return torch.Generator().manual_seed(seed), torch.Generator(device=device).manual_seed(seed + 2)
+    return secret_generator(), secret_generator(device)
+
+
 def poisson_loader(dataset: torch.utils.data.Dataset, *, plan: DPPlan, generator: torch.Generator) -> DPDataLoader:
     """opacus' Poisson-sampling loader at the plan's rate, yielding exactly ``plan.steps_per_epoch``
     batches per epoch, so the steps taken equal the steps the noise was calibrated for."""

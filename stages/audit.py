@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 from dpldm.audit import GradientCanaries, balanced_subset, denoising_losses, membership_auc
 from dpldm.config import load_section
 from dpldm.diffusion import eps_loss, make_scheduler
-from dpldm.privacy import (PrivacyConfigError, epsilon_of, make_private, plan_dp, secret_generator, select_trainable,
+from dpldm.privacy import (PrivacyConfigError, dp_generators, epsilon_of, make_private, plan_dp, select_trainable,
                            train_epoch)
 from stages.common import ConfigError, live, npz_rows, progress, seed_of, setup_runtime, stage_main
 from stages.artifacts import load_ldm
@@ -45,10 +45,7 @@ def white_box(params: dict, inputs: dict, *, device) -> dict:
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    if cfg.reproducible_noise:
-        g_data, g_dp = torch.Generator().manual_seed(seed), torch.Generator(device=device).manual_seed(seed + 2)
-    else:
-        g_data, g_dp = secret_generator(), secret_generator(device)
+    g_data, g_dp = dp_generators(reproducible=cfg.reproducible_noise, seed=seed, device=device)
     pt = make_private(model, opt, TensorDataset(z, y), plan=plan, max_grad_norm=cfg.clip_norm,
                       noise_multiplicity=cfg.noise_multiplicity, sampling_generator=g_data, noise_generator=g_dp)
     canaries = GradientCanaries(trainable, m=acfg.canaries, sample_rate=plan.sample_rate, k=cfg.noise_multiplicity,

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dpldm.config import load_section, to_dict
 from dpldm.diffusion import eps_loss, make_scheduler
 from dpldm.models import attention_modules
-from dpldm.privacy import (PrivacyConfigError, make_private, plan_dp, secret_generator, select_trainable, steps_per_epoch_of,
+from dpldm.privacy import (PrivacyConfigError, dp_generators, make_private, plan_dp, select_trainable, steps_per_epoch_of,
                            train_epoch, validate_plan_inputs)
 from stages.common import (ConfigError, atomic_path, file_sha, live, npz_rows, progress, read_json, save_model, seed_of,
                            setup_runtime,
@@ -117,11 +117,8 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     # The (t, noise) draws of the diffusion loss are part of the per-example gradient, not of the DP
     # mechanism: they may be seeded. The DP noise and the Poisson sampling are secret unless asked.
     g_loss = torch.Generator().manual_seed(seed + 1)
-    if cfg.reproducible_noise or not plan:
-        g_data = torch.Generator().manual_seed(seed)
-        g_dp = torch.Generator(device=device).manual_seed(seed + 2)
-    else:
-        g_data, g_dp = secret_generator(), secret_generator(device)
+    # (without DP, the sampling generator only shuffles: seeded)
+    g_data, g_dp = dp_generators(reproducible=cfg.reproducible_noise or not plan, seed=seed, device=device)
     accountant = None
     if plan:
         pt = make_private(model, opt, TensorDataset(z, y), plan=plan, max_grad_norm=cfg.clip_norm, noise_multiplicity=k,
