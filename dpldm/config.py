@@ -259,11 +259,6 @@ class FinetuneConfig:
     # Seeded DP noise and Poisson sampling, for tests and debugging only: every output says "not a DP release".
     reproducible_noise: bool
 
-    @property
-    def dp_release(self) -> bool:
-        """Whether the fine-tuned model is a differentially private release."""
-        return self.private and self.mode != "none" and not self.reproducible_noise
-
     def __post_init__(self):
         i, j = self.layers
         check(1 <= i <= j, "finetune.layers", list(self.layers), "[i, j] with 1 <= i <= j (1-based, inclusive)")
