@@ -4,11 +4,13 @@ non-private attention-only, DP attention-only, DP full, at K=1 and K=4 (the READ
     python benchmarks/dp_step.py [--steps 6] [--out benchmarks/results/dp_step.md]
 
 Uses the params.yaml LDM architecture and finetune batch sizes, random latents (timing only), and
-the same code path as stages/dp_finetune.py (select_trainable, make_private, KAveragedDPOptimizer,
-BatchMemoryManager). Each configuration runs in a fresh process so that peak RSS is its own."""
+the stage's own code (dpldm.finetune: plan_finetune, Finetuning). The random set holds
+``batch_size * (steps + 1)`` rows, so one epoch is ``steps + 1`` logical steps at the params' expected
+batch; the first is not timed. Each configuration runs in a fresh process so that peak RSS is its own."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -25,51 +27,24 @@ CONFIGS = [("non-private attention", "attention", False, 1), ("DP attention", "a
 def one(mode: str, private: bool, k: int, steps: int) -> dict:
     import torch
     import yaml
-    from opacus.utils.batch_memory_manager import BatchMemoryManager
-    from torch.utils.data import DataLoader, TensorDataset
 
     from dpldm.config import load_all
-    from dpldm.diffusion import eps_loss, make_scheduler
+    from dpldm.finetune import Finetuning, plan_finetune
     from dpldm.models import build_ldm
-    from dpldm.privacy import make_private, plan_dp, secret_generator, select_trainable
 
     cfgs = load_all(yaml.safe_load(Path("params.yaml").read_text()))
     torch.set_num_threads(cfgs["runtime"].threads or torch.get_num_threads())
-    ldm, ft = cfgs["ldm"], cfgs["finetune"]
-    n = 4000
+    ldm = cfgs["ldm"]
+    ft = dataclasses.replace(cfgs["finetune"], mode=mode, private=private, noise_multiplicity=k)
+    n = ft.batch_size * (steps + 1)
     model = build_ldm(ldm, latent_channels=4, latent_size=8)
-    select_trainable(model, mode=mode, layers=ft.layers, train_embedder=ft.train_embedder)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=ft.lr)
-    ds = TensorDataset(torch.randn(n, 4, 8, 8), torch.randint(0, 10, (n,)))
-    sched = make_scheduler(ldm)
-    g = torch.Generator().manual_seed(0)
-    if private:
-        pt = make_private(model, opt, ds, plan=plan_dp(ft, n=n), max_grad_norm=ft.clip_norm, noise_multiplicity=k,
-                          sampling_generator=secret_generator(), noise_generator=secret_generator())
-        net, opt, loader = pt.model, pt.optimizer, pt.data_loader
-    else:
-        net, loader = model, DataLoader(ds, batch_size=ft.batch_size, shuffle=True, generator=g)
-    times, done = [], 0
-    while done < steps + 1:
-        ctx = BatchMemoryManager(data_loader=loader, max_physical_batch_size=ft.physical_batch_size, optimizer=opt) if private else None
-        batches = ctx.__enter__() if ctx else loader
-        t0 = time.perf_counter()
-        for zb, yb in batches:
-            opt.zero_grad(set_to_none=True)
-            eps_loss(net, zb, yb, scheduler=sched, generator=g, k=k).mean().backward()
-            opt.step()
-            if private and opt._is_last_step_skipped:
-                continue
-            times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            done += 1
-            if done >= steps + 1:
-                break
-        if ctx:
-            ctx.__exit__(None, None, None)
-    return {"s_per_step": sum(times[1:]) / len(times[1:]), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "trainable": sum(p.numel() for p in params)}
+    selection, plan = plan_finetune(model, ft, n=n)
+    run = Finetuning(model, selection, plan, ft, ldm, z=torch.randn(n, 4, 8, 8), y=torch.randint(0, 10, (n,)), seed=0)
+    stamps = [time.perf_counter()]
+    run.run_epoch(on_step=lambda: stamps.append(time.perf_counter()))
+    times = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]  # the first step (warm-up) is not timed
+    return {"s_per_step": sum(times) / len(times), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "trainable": selection.trainable_params}
 
 
 def main() -> None:

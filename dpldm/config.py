@@ -210,6 +210,7 @@ class LDMConfig:
     norm_num_groups: int
     attention_levels: tuple[int, ...]  # resolution levels with cross-attention; () = all
     num_classes: int
+    class_time_embedding: bool  # the class embedder also adds a vector to the time embedding (every ResNet block)
     num_train_timesteps: int
     beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"]
     beta_start: float

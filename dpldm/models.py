@@ -44,16 +44,23 @@ def latent_shape(cfg: AEConfig, *, image_size: int) -> tuple[int, int, int]:
 
 
 class ClassEmbedder(nn.Module):
-    """Label -> cross-attention context [B, 1, D]. Index ``num_classes`` is the null class used for
-    classifier-free guidance (label dropout during pretraining)."""
+    """Label -> cross-attention context [B, 1, D] and, with ``time_dim``, a vector [B, time_dim] that the
+    UNet adds to its time embedding. Index ``num_classes`` is the null class used for classifier-free
+    guidance (label dropout during pretraining).
 
-    def __init__(self, *, num_classes: int, dim: int):
+    Cross-attention to a single token is weak conditioning: the softmax over one key is 1, so each
+    attention layer adds the same class vector at every position. The time-embedding path reaches every
+    ResNet block, as in ADM-style class-conditional UNets."""
+
+    def __init__(self, *, num_classes: int, dim: int, time_dim: int = 0):
         super().__init__()
         self.num_classes = num_classes
         self.embedding = nn.Embedding(num_classes + 1, dim)
+        self.time_embedding = nn.Embedding(num_classes + 1, time_dim) if time_dim else None
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.embedding(y)[:, None, :]  # [B, 1, D]
+    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        context = self.embedding(y)[:, None, :]  # [B, 1, D]
+        return context, (self.time_embedding(y) if self.time_embedding is not None else None)
 
 
 class ConditionalUNet(nn.Module):
@@ -65,8 +72,8 @@ class ConditionalUNet(nn.Module):
         self.class_embedder = class_embedder
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        context = self.class_embedder(y)  # [B, 1, D]
-        return self.unet(z_t, t, encoder_hidden_states=context, return_dict=False)[0]
+        context, class_emb = self.class_embedder(y)  # [B, 1, D], [B, time_dim] or None
+        return self.unet(z_t, t, encoder_hidden_states=context, class_labels=class_emb, return_dict=False)[0]
 
 
 def build_unet(cfg: LDMConfig, *, latent_channels: int, latent_size: int) -> UNet2DConditionModel:
@@ -85,13 +92,20 @@ def build_unet(cfg: LDMConfig, *, latent_channels: int, latent_size: int) -> UNe
         attention_head_dim=cfg.attention_head_dim,
         cross_attention_dim=cfg.cross_attention_dim,
         norm_num_groups=cfg.norm_num_groups,
+        class_embed_type="identity" if cfg.class_time_embedding else None,  # adds ClassEmbedder's vector
     )
+
+
+def time_embed_dim(cfg: LDMConfig) -> int:
+    """UNet2DConditionModel's time-embedding width (its default: 4 x the first block's channels)."""
+    return cfg.block_out_channels[0] * 4
 
 
 def build_ldm(cfg: LDMConfig, *, latent_channels: int, latent_size: int) -> ConditionalUNet:
     return ConditionalUNet(
         build_unet(cfg, latent_channels=latent_channels, latent_size=latent_size),
-        ClassEmbedder(num_classes=cfg.num_classes, dim=cfg.cross_attention_dim),
+        ClassEmbedder(num_classes=cfg.num_classes, dim=cfg.cross_attention_dim,
+                      time_dim=time_embed_dim(cfg) if cfg.class_time_embedding else 0),
     )
 
 

@@ -31,7 +31,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from .config import ConfigError, FinetuneConfig
-from .models import ConditionalUNet, attention_modules
+from .models import AttentionModule, ConditionalUNet, attention_modules
 
 
 class PrivacyConfigError(ConfigError):
@@ -42,8 +42,34 @@ class PrivacyConfigError(ConfigError):
 # Which parameters train
 
 
-def select_trainable(model: ConditionalUNet, *, mode: str, layers: tuple[int, int], train_embedder: bool) -> list[str]:
-    """Freeze everything, then unfreeze the selection; returns the selected parameter names.
+@dataclass(frozen=True)
+class Selection:
+    """What ``select_trainable`` unfroze: the one description of the trainable set that the stage,
+    the ledger, the audit and the benchmarks use."""
+
+    mode: str
+    names: tuple[str, ...]  # qualified parameter names, in ``named_parameters`` order
+    params: tuple[nn.Parameter, ...]
+    modules: tuple[AttentionModule, ...]  # the selected attention modules (all of them for ``full``)
+    train_embedder: bool
+    total_params: int
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    @property
+    def share(self) -> float:
+        return self.trainable_params / self.total_params
+
+    def describe(self) -> str:
+        extra = " + class_embedder" if self.train_embedder and self.mode == "attention" else ""
+        return (f"{len(self.names)} tensors, {self.trainable_params:,} of {self.total_params:,} parameters "
+                f"({100 * self.share:.1f}%): {[m.name for m in self.modules]}{extra}")
+
+
+def select_trainable(model: ConditionalUNet, *, mode: str, layers: tuple[int, int], train_embedder: bool) -> Selection:
+    """Freeze everything, then unfreeze the selection.
 
     ``attention``: spatial-transformer blocks ``layers = (i, j)`` (1-based, forward order,
     inclusive) plus the class embedder if ``train_embedder``. ``full``: every parameter.
@@ -52,28 +78,29 @@ def select_trainable(model: ConditionalUNet, *, mode: str, layers: tuple[int, in
     for p in model.parameters():
         p.requires_grad_(False)
     if mode == "none":
-        return []
-    if mode == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return [n for n, _ in model.named_parameters()]
-    if mode != "attention":
+        chosen, prefixes = [], None
+    elif mode == "full":
+        chosen, prefixes = mods, [""]
+    elif mode == "attention":
+        i, j = layers
+        if not (1 <= i <= j <= len(mods)):
+            listing = "; ".join(f"{m.index}: {m.name} ({m.num_params:,} params)" for m in mods)
+            raise PrivacyConfigError(
+                f"finetune.layers = [{i}, {j}] is not a range of the model's {len(mods)} attention modules "
+                f"(need 1 <= i <= j <= {len(mods)}). Available: {listing}")
+        chosen = mods[i - 1:j]
+        prefixes = [m.name + "." for m in chosen] + (["class_embedder."] if train_embedder else [])
+    else:
         raise PrivacyConfigError(f"finetune.mode = {mode!r}; expected 'attention', 'full' or 'none'")
-    i, j = layers
-    if not (1 <= i <= j <= len(mods)):
-        listing = "; ".join(f"{m.index}: {m.name} ({m.num_params:,} params)" for m in mods)
-        raise PrivacyConfigError(
-            f"finetune.layers = [{i}, {j}] is not a range of the model's {len(mods)} attention modules "
-            f"(need 1 <= i <= j <= {len(mods)}). Available: {listing}")
-    prefixes = [m.name + "." for m in mods[i - 1:j]]
-    if train_embedder:
-        prefixes.append("class_embedder.")
-    names = []
+    names, params = [], []
     for name, p in model.named_parameters():
-        if any(name.startswith(pre) for pre in prefixes):
+        if prefixes is not None and any(name.startswith(pre) for pre in prefixes):
             p.requires_grad_(True)
             names.append(name)
-    return names
+            params.append(p)
+    return Selection(mode=mode, names=tuple(names), params=tuple(params), modules=tuple(chosen),
+                     train_embedder=train_embedder and mode == "attention",
+                     total_params=sum(p.numel() for p in model.parameters()))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,13 +23,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
+from dpldm.ledger import Ledger
 from pipeline.boundary import check_boundary, private_only_stages, read_stages
 
 # DVC's own lines about a stage: the only lines of a private-only stage's output that reach Prefect's logs
 DVC_CONTROL = ("Running stage", "Stage '", "Updating lock file", "Use `dvc push`", "To track the changes", "ERROR:", "error:")
-LEDGER_ROWS = ("dp_release", "release", "private", "epsilon_spent", "target_epsilon", "epsilon_spent_all_attempts", "delta",
-               "noise_multiplier", "sample_rate", "steps", "epochs", "N", "K", "clip_norm", "accountant", "noise_source",
-               "trainable_params", "trainable_share", "attempt")
 
 
 def dvc_bin() -> str:
@@ -146,7 +144,7 @@ def read_metrics(repo: str) -> dict:
     out = {}
     ledger = root / "reports/dp_finetune/ledger.json"
     if ledger.exists():
-        out["ledger"] = json.loads(ledger.read_text())
+        out["ledger"] = Ledger.from_dict(json.loads(ledger.read_text()))
     for stage in ("score_fid", "score_classifier", "reference", "audit"):
         f = root / "dvclive" / stage / "metrics.json"
         if f.exists():
@@ -159,20 +157,19 @@ def publish_artifacts(repo: str, results: list[dict]) -> dict:
     keys = {}
     create_table_artifact(key=artifact_key("dpldm-stages"), table=results, description="DVC stages: ran or up to date")
     keys["stages"] = "dpldm-stages"
-    led = m.get("ledger", {})
-    if led:
-        rows = [{"quantity": k, "value": led.get(k)} for k in LEDGER_ROWS]
-        create_table_artifact(key="dpldm-privacy-ledger", table=rows,
-                              description=f"Privacy ledger of dp_finetune: {led.get('release', 'release unknown')}")
+    led: Ledger | None = m.get("ledger")
+    if led is not None:
+        create_table_artifact(key="dpldm-privacy-ledger", table=led.summary(),
+                              description=f"Privacy ledger of dp_finetune: {led.release}")
         keys["ledger"] = "dpldm-privacy-ledger"
     scores = {**m.get("score_fid", {}), **m.get("score_classifier", {})}
     if scores:
         grid = (Path(repo) / "reports/sample/grid.png").resolve()
-        stamp = led.get("release") or scores.get("release", "release unknown")
-        spent = led.get("epsilon_spent")
-        md = [f"**{stamp}**" + ("" if led.get("dp_release") else " -- NOT A DP RELEASE"),
-              f"private: {led.get('private')}, epsilon spent: {'-' if spent is None else f'{spent:.4g}'}, "
-              f"all attempts on this data: {led.get('epsilon_spent_all_attempts')}", "",
+        stamp = led.release if led else scores.get("release", "release unknown")
+        spent = led.epsilon_spent if led else None
+        md = [f"**{stamp}**" + ("" if led and led.dp_release else " -- NOT A DP RELEASE"),
+              f"private: {led.private if led else None}, epsilon spent: {'-' if spent is None else f'{spent:.4g}'}, "
+              f"all attempts on this data: {led.epsilon_spent_all_attempts if led else None}", "",
               "| metric | value |", "|---|---|"]
         md += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scores.items() if k != "release"]
         md += ["", f"Sample grid: [{grid.name}]({grid.as_uri()})"]

@@ -17,30 +17,28 @@ from __future__ import annotations
 import argparse
 import itertools
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from dpldm.ledger import Ledger
 
 UPSTREAM = ("pretrain_ldm", "encode_private", "reference")
 TARGETS = ("score_fid", "score_classifier")  # what an experiment reproduces; the audit only with --with-audit
 LEDGER = "reports/dp_finetune/ledger.json:"
 COLUMNS = {  # table column -> dvc exp show column (metrics file:key, or params key)
     "epsilon_target": "finetune.epsilon", "layers": "finetune.layers", "mode": "finetune.mode",
-    "private": LEDGER + "private", "dp_release": LEDGER + "dp_release", "release": LEDGER + "release",
-    "epsilon_spent": LEDGER + "epsilon_spent",
-    "epsilon_spent_all_attempts": LEDGER + "epsilon_spent_all_attempts",
-    "noise_multiplier": LEDGER + "noise_multiplier", "steps": LEDGER + "steps",
+    **{key: LEDGER + key for key in Ledger.SWEEP},
     "fid_domain": "fid_domain", "kid_domain_mean": "kid_domain_mean", "cnn_accuracy": "cnn_accuracy",
     "mlp_accuracy": "mlp_accuracy", "logreg_accuracy": "logreg_accuracy",
 }
 
 
 def dvc(*args: str, repo: str = ".") -> subprocess.CompletedProcess:
-    from pipeline.flow import stage_env
+    from pipeline.flow import dvc_bin, stage_env
 
-    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=stage_env(), text=True,
+    proc = subprocess.run([dvc_bin(), *args], cwd=repo, env=stage_env(), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     print(proc.stdout[-3000:])
     if proc.returncode:

@@ -16,51 +16,37 @@ import dataclasses
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
 from dpldm.audit import GradientCanaries, balanced_subset, denoising_losses, membership_auc
 from dpldm.config import load_section
-from dpldm.diffusion import eps_loss, make_scheduler
-from dpldm.privacy import (PrivacyConfigError, dp_generators, epsilon_of, make_private, plan_dp, select_trainable,
-                           train_epoch)
-from stages.common import ConfigError, live, npz_rows, progress, seed_of, setup_runtime, stage_main
+from dpldm.diffusion import make_scheduler
+from dpldm.finetune import Finetuning, plan_finetune
+from dpldm.privacy import PrivacyConfigError, epsilon_of
 from stages.artifacts import load_ldm
+from stages.common import ConfigError, live, npz_rows, progress, setup_runtime, stage_main
 
 INPUTS = ("ldm", "latents", "released")
 OUTPUTS = ("live",)
 
 
-def white_box(params: dict, inputs: dict, *, device) -> dict:
+def white_box(params: dict, inputs: dict, *, seed: int, device) -> dict:
     cfg, acfg = load_section(params, "finetune"), load_section(params, "audit")
-    seed = seed_of(params, "dp_finetune")
     model, ldm_cfg, _ = load_ldm(inputs["ldm"])
     try:
-        select_trainable(model, mode=cfg.mode, layers=cfg.layers, train_embedder=cfg.train_embedder)
-        plan = plan_dp(cfg, n=npz_rows(inputs["latents"], "train_labels"))
+        selection, plan = plan_finetune(model, cfg, n=npz_rows(inputs["latents"], "train_labels"))
     except PrivacyConfigError as err:
         raise ConfigError(str(err)) from None
     plan = dataclasses.replace(plan, epochs=acfg.epochs)  # the same sigma, rate and clip; fewer steps
     data = np.load(inputs["latents"])
     z, y = torch.from_numpy(data["train_latents"]), torch.from_numpy(data["train_labels"]).long()
-    model.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    g_data, g_dp = dp_generators(reproducible=cfg.reproducible_noise, seed=seed, device=device)
-    pt = make_private(model, opt, TensorDataset(z, y), plan=plan, max_grad_norm=cfg.clip_norm,
-                      noise_multiplicity=cfg.noise_multiplicity, sampling_generator=g_data, noise_generator=g_dp)
-    canaries = GradientCanaries(trainable, m=acfg.canaries, sample_rate=plan.sample_rate, k=cfg.noise_multiplicity,
+    ft = Finetuning(model, selection, plan, cfg, ldm_cfg, z=z, y=y, seed=seed, device=device)
+    canaries = GradientCanaries(list(selection.params), m=acfg.canaries, sample_rate=plan.sample_rate, k=cfg.noise_multiplicity,
                                 raw_norm=acfg.canary_norm_factor * cfg.clip_norm,
                                 generator=torch.Generator().manual_seed(acfg.seed))
-    pt.optimizer.canaries = canaries
-    scheduler = make_scheduler(ldm_cfg)
-    g_loss = torch.Generator().manual_seed(seed + 1)
-    bar = progress(total=plan.steps, desc="audit (white-box)")
-    for _ in range(plan.epochs):
-        pt.model.train()
-        train_epoch(loader=pt.data_loader, optimizer=pt.optimizer, trainable=trainable, private=True,
-                    physical_batch_size=cfg.physical_batch_size, on_step=lambda: bar.update(1),
-                    loss_fn=lambda zb, yb: eps_loss(pt.model, zb.to(device), yb.to(device), scheduler=scheduler,
-                                                    generator=g_loss, k=cfg.noise_multiplicity).mean())
+    ft.optimizer.canaries = canaries
+    bar = progress(total=ft.total_steps, desc="audit (white-box)")
+    while ft.epoch < ft.epochs:
+        ft.run_epoch(on_step=lambda: bar.update(1))
     bar.close()
     claimed = epsilon_of(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps,
                          delta=cfg.delta, accountant=cfg.accountant)
@@ -94,12 +80,13 @@ def black_box(params: dict, inputs: dict, *, device) -> dict:
 
 
 def run(params: dict, inputs: dict, outputs: dict) -> dict:
-    cfg, acfg = load_section(params, "finetune"), load_section(params, "audit")
-    device = setup_runtime(params, seed=acfg.seed)
+    cfg = load_section(params, "finetune")
+    load_section(params, "audit")  # a bad audit key stops the stage before any work
+    device, seed = setup_runtime(params, stage="dp_finetune")  # the audit run draws its (t, noise) as dp_finetune does
     if not (cfg.private and cfg.mode != "none"):
         metrics = {"audit": f"not applicable: finetune.mode {cfg.mode}, finetune.private {cfg.private} (no DP mechanism)"}
     else:
-        metrics = {**white_box(params, inputs, device=device), **black_box(params, inputs, device=device)}
+        metrics = {**white_box(params, inputs, seed=seed, device=device), **black_box(params, inputs, device=device)}
         if cfg.reproducible_noise:
             metrics["audit"] = "seeded noise (finetune.reproducible_noise): the mechanism audited is not a DP release"
         else:

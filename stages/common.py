@@ -77,11 +77,13 @@ def stage_main(run: Callable[..., dict], *, inputs: tuple[str, ...], outputs: tu
 # Runtime
 
 
-def setup_runtime(params: dict, *, seed: int):
-    """Threads, seeds and the device (``auto`` = CUDA when present). Returns a torch.device."""
+def setup_runtime(params: dict, *, stage: str | None):
+    """Parse the runtime section once: threads, global seeds and the device (``auto`` = CUDA when
+    present). Returns (torch.device, the stage's seed from ``runtime.seeds``; 0 for stages without one)."""
     import torch
 
     rt: RuntimeConfig = load_section(params, "runtime")
+    seed = getattr(rt.seeds, stage) if stage else 0
     if rt.threads:
         torch.set_num_threads(rt.threads)
     random.seed(seed)
@@ -90,12 +92,8 @@ def setup_runtime(params: dict, *, seed: int):
     if rt.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("params: runtime.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
     if rt.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(rt.device)
-
-
-def seed_of(params: dict, stage: str) -> int:
-    return getattr(load_section(params, "runtime").seeds, stage)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), seed
+    return torch.device(rt.device), seed
 
 
 def progress_enabled() -> bool:
@@ -145,6 +143,35 @@ def file_sha(path: str | os.PathLike) -> str:
     import hashlib
 
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+class Checkpoint:
+    """A stage's resumable state in one file, keyed by everything that defines the run (``run_key``:
+    params, input hashes, seed). ``load`` returns the state only when the key matches and the run had not
+    completed; ``save`` writes atomically, so a crash never leaves half a checkpoint."""
+
+    def __init__(self, path: str | os.PathLike, run_key: dict):
+        self.path, self.run_key = Path(path), run_key
+
+    def load(self) -> dict | None:
+        import torch
+
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("run_key") != self.run_key or state.get("completed"):
+            return None
+        return state
+
+    def save(self, state: dict) -> None:
+        import torch
+
+        with atomic_path(self.path) as tmp:
+            torch.save({**state, "run_key": self.run_key}, tmp)
+
+    def mark_completed(self) -> None:
+        """Keep only the key: a later run with the same key starts afresh (a new attempt)."""
+        self.save({"completed": True})
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -16,7 +16,7 @@ OUTPUTS = ("latents", "live")
 
 def run_encode(params: dict, inputs: dict, outputs: dict) -> dict:
     cfg = load_section(params, "encode")
-    device = setup_runtime(params, seed=0)
+    device, _ = setup_runtime(params, stage=None)
     ae, conf = load_autoencoder(inputs["ae"])
     ae.to(device)
     scale = conf["latent_scale_factor"]

@@ -8,7 +8,7 @@ import numpy as np
 
 from dpldm.config import load_section, to_dict
 from dpldm.data import load_source
-from stages.common import image_grid, log_live_metrics, save_png, seed_of, setup_runtime, write_images, write_json
+from stages.common import image_grid, log_live_metrics, save_png, setup_runtime, write_images, write_json
 
 INPUTS: tuple[str, ...] = ()
 OUTPUTS = ("data", "manifest", "grid", "live")
@@ -16,8 +16,7 @@ OUTPUTS = ("data", "manifest", "grid", "live")
 
 def run_prepare(params: dict, outputs: dict, *, which: str) -> dict:
     cfg = getattr(load_section(params, "data"), which)
-    seed = seed_of(params, f"prepare_{which}")
-    setup_runtime(params, seed=seed)
+    _, seed = setup_runtime(params, stage=f"prepare_{which}")
     loaded = load_source(cfg, seed=seed)
     tr, te = loaded.train, loaded.test
     images = np.concatenate([tr.images, te.images])

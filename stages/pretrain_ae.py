@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dpldm.config import load_section, to_dict
 from dpldm.data import images_to_tensor, tensor_to_images
 from dpldm.models import build_autoencoder, encode_mean, latent_shape
-from stages.common import (image_grid, live, progress, read_images, save_model, save_png, seed_of, setup_runtime,
+from stages.common import (image_grid, live, progress, read_images, save_model, save_png, setup_runtime,
                            stage_main)
 
 INPUTS = ("public",)
@@ -22,14 +22,14 @@ OUTPUTS = ("model", "grid", "live")
 
 def run(params: dict, inputs: dict, outputs: dict) -> dict:
     cfg = load_section(params, "ae")
-    device = setup_runtime(params, seed=seed_of(params, "pretrain_ae"))
+    device, seed = setup_runtime(params, stage="pretrain_ae")
     train_x, _, meta = read_images(inputs["public"], split="train")
     test_x, test_y, _ = read_images(inputs["public"], split="test")
     c, size = meta["channels"], meta["height"]
     ae = build_autoencoder(cfg, channels=c, image_size=size).to(device)
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr)
     x = images_to_tensor(train_x)
-    g = torch.Generator().manual_seed(seed_of(params, "pretrain_ae"))
+    g = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.05)

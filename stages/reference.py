@@ -6,7 +6,7 @@ from __future__ import annotations
 from dpldm.config import load_section
 from dpldm.metrics import SmallCNN, train_cnn
 from stages.classify import fit_and_score, split_validation
-from stages.common import log_live_metrics, read_images, save_model, seed_of, setup_runtime, stage_main, write_json
+from stages.common import log_live_metrics, read_images, save_model, setup_runtime, stage_main, write_json
 
 INPUTS = ("private",)
 OUTPUTS = ("extractor", "metrics", "live")
@@ -14,8 +14,7 @@ OUTPUTS = ("extractor", "metrics", "live")
 
 def run(params: dict, inputs: dict, outputs: dict) -> dict:
     ccfg, fcfg = load_section(params, "classifier"), load_section(params, "fid")
-    seed = seed_of(params, "reference")
-    setup_runtime(params, seed=seed)
+    _, seed = setup_runtime(params, stage="reference")
     x, y, meta = read_images(inputs["private"], split="train")
     k = len(meta["class_names"])
     # domain feature extractor: SmallCNN on the real private train split (epoch chosen on a train holdout)

@@ -7,7 +7,7 @@ import torch
 from dpldm.diffusion import make_scheduler
 from dpldm.sampling import generate
 from dpldm.config import load_section
-from stages.common import (image_grid, log_live_metrics, progress_enabled, release_stamp, save_png, seed_of, setup_runtime, stage_main,
+from stages.common import (image_grid, log_live_metrics, progress_enabled, release_stamp, save_png, setup_runtime, stage_main,
                            write_images)
 from stages.artifacts import load_autoencoder, load_ldm
 
@@ -17,8 +17,7 @@ OUTPUTS = ("samples", "grid", "live")
 
 def run(params: dict, inputs: dict, outputs: dict) -> dict:
     cfg = load_section(params, "sample")
-    seed = seed_of(params, "sample")
-    device = setup_runtime(params, seed=seed)
+    device, seed = setup_runtime(params, stage="sample")
     model, ldm_cfg, conf = load_ldm(inputs["ldm"])
     ae, ae_conf = load_autoencoder(inputs["ae"])
     model.to(device).eval()

@@ -6,7 +6,7 @@ import numpy as np
 
 from dpldm.config import load_section
 from stages.classify import fit_and_score
-from stages.common import log_live_metrics, read_images, read_json, release_stamp, seed_of, setup_runtime, stage_main
+from stages.common import log_live_metrics, read_images, read_json, release_stamp, setup_runtime, stage_main
 
 INPUTS = ("samples", "private", "reference")
 OUTPUTS = ("confusion", "live")
@@ -19,8 +19,7 @@ def read_real_test(path) -> tuple[np.ndarray, np.ndarray]:
 
 def run(params: dict, inputs: dict, outputs: dict) -> dict:
     cfg = load_section(params, "classifier")
-    seed = seed_of(params, "score_classifier")
-    setup_runtime(params, seed=seed)
+    _, seed = setup_runtime(params, stage="score_classifier")
     x, y, meta = read_images(inputs["samples"])
     k = len(meta["class_names"])
     metrics, cm = fit_and_score(cfg, x, y, lambda: read_real_test(inputs["private"]), num_classes=k, seed=seed)

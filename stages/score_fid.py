@@ -28,7 +28,7 @@ def inception_weights(cfg) -> str | None:
 
 def run(params: dict, inputs: dict, outputs: dict) -> dict:
     cfg = load_section(params, "fid")
-    device = setup_runtime(params, seed=0)
+    device, _ = setup_runtime(params, stage=None)
     weights = inception_weights(cfg) if cfg.extractor == "inception-v3-compat" else None
     synth, _, synth_meta = read_images(inputs["samples"])
     real, real_y, _ = read_images(inputs["private"], split="train")

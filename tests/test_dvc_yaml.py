@@ -14,6 +14,9 @@ def project_imports(module_path: Path, seen=None) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level:  # relative: from .diffusion import ... inside dpldm/
+            package = module_path.relative_to(ROOT).parent.as_posix().replace("/", ".")
+            names = [f"{package}.{node.module}"] if node.module else [f"{package}.{a.name}" for a in node.names]
         else:
             names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
         for name in names:

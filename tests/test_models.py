@@ -79,3 +79,23 @@ def test_checkpoint_of_other_architecture_is_refused(tmp_path):
                extra={"latent_shape": [4, 8, 8]})
     with pytest.raises(RuntimeError, match="does not match the architecture"):
         load_ldm(tmp_path / "m")
+
+
+@pytest.mark.parametrize("time_path", [False, True])
+def test_class_reaches_the_unet_through_the_chosen_paths(time_path):
+    """With ``class_time_embedding`` the class embedder's second table is added to the time embedding:
+    editing one class's vector changes that class's output only. Without it the table does not exist
+    and a single cross-attention token is the only path."""
+    torch.manual_seed(0)
+    model = build_ldm(cfg("ldm", class_time_embedding=time_path), latent_channels=4, latent_size=8).eval()
+    z, t, y = torch.randn(2, 4, 8, 8), torch.tensor([300, 300]), torch.tensor([3, 5])
+    assert (model.class_embedder.time_embedding is not None) == time_path
+    with torch.no_grad():
+        before = model(z, t, y)
+        if not time_path:
+            assert model.unet.class_embedding is None
+            return
+        model.class_embedder.time_embedding.weight[3] += 1.0
+        after = model(z, t, y)
+    assert not torch.allclose(before[0], after[0])  # class 3 moved
+    torch.testing.assert_close(before[1], after[1])  # class 5 did not

@@ -66,7 +66,7 @@ def dp_clipped_sum(model, b, k, clip, seed=0, tile=False):
 @pytest.mark.parametrize("k", [1, 3])
 def test_per_example_clipped_gradients_match_explicit_autograd(k):
     model = tiny_model()
-    names = select_trainable(model, mode="attention", layers=(2, 5), train_embedder=True)
+    names = select_trainable(model, mode="attention", layers=(2, 5), train_embedder=True).names
     ref_model = copy.deepcopy(model)
     clip = 1e-3  # small enough that every example is clipped: norms must be per example, after K-averaging
     got = dp_clipped_sum(model, b=4, k=k, clip=clip)
@@ -79,7 +79,7 @@ def test_per_example_clipped_gradients_match_explicit_autograd(k):
 def test_tiled_rows_would_break_the_equivalence():
     """The test above can fail: tiling (repeat) instead of example-major rows mixes examples."""
     model = tiny_model()
-    names = select_trainable(model, mode="attention", layers=(1, 7), train_embedder=True)
+    names = select_trainable(model, mode="attention", layers=(1, 7), train_embedder=True).names
     ref_model = copy.deepcopy(model)
     got = dp_clipped_sum(model, b=4, k=3, clip=1e-3, tile=True)
     want = explicit_clipped_sum(ref_model, names, b=4, k=3, clip=1e-3)
@@ -121,12 +121,19 @@ def test_empty_poisson_batch_takes_a_noise_only_step():
 
 def test_selection_freezes_everything_else():
     model = tiny_model()
-    names = select_trainable(model, mode="attention", layers=(3, 3), train_embedder=True)
-    mid = attention_modules(model)[2].name
-    assert names and all(n.startswith(mid + ".") or n.startswith("class_embedder.") for n in names)
+    sel = select_trainable(model, mode="attention", layers=(3, 3), train_embedder=True)
+    mid = attention_modules(model)[2]
+    names = sel.names
+    assert names and all(n.startswith(mid.name + ".") or n.startswith("class_embedder.") for n in names)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(names)
-    assert select_trainable(model, mode="none", layers=(1, 1), train_embedder=True) == []
-    assert len(select_trainable(model, mode="full", layers=(1, 1), train_embedder=True)) == len(list(model.parameters()))
+    assert [p for p in model.parameters() if p.requires_grad] == list(sel.params)
+    assert sel.modules == (mid,) and sel.trainable_params == mid.num_params + sum(
+        p.numel() for p in model.class_embedder.parameters())
+    assert sel.total_params == sum(p.numel() for p in model.parameters())
+    none = select_trainable(model, mode="none", layers=(1, 1), train_embedder=True)
+    assert none.names == () and none.trainable_params == 0 and not any(p.requires_grad for p in model.parameters())
+    full = select_trainable(model, mode="full", layers=(1, 1), train_embedder=True)
+    assert len(full.names) == len(list(model.parameters())) and full.share == 1.0
 
 
 def test_bad_layer_range_lists_the_modules():

@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from helpers import run
+from dpldm.ledger import Ledger
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,9 @@ def _finetune(params, inputs, outs, **over):
     p = json.loads(json.dumps(params))
     p["finetune"].update(over)
     dp_finetune.run(p, inputs, outs)
-    return json.loads(open(outs["ledger"]).read()), torch.load(outs["model"] + "/model.pt", weights_only=True)
+    ledger = json.loads(open(outs["ledger"]).read())
+    assert Ledger.from_dict(ledger).to_dict() == ledger  # the flow and the sweep read what the stage wrote
+    return ledger, torch.load(outs["model"] + "/model.pt", weights_only=True)
 
 
 def _interrupted_then_resumed(params, inputs, outs, monkeypatch, **over):
