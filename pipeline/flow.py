@@ -152,6 +152,41 @@ def read_metrics(repo: str) -> dict:
     return out
 
 
+def _pct(mean, std=None) -> str:
+    return "-" if mean is None else f"{100 * mean:.1f}%" + ("" if std is None else f" (std {100 * std:.1f})")
+
+
+def scores_markdown(scores: dict, reference: dict, led: Ledger | None, grid_png: bytes | None) -> str:
+    """The ``dpldm-scores`` artifact: the privacy stamp, rounded figures with their std beside the
+    real-data reference, and the sample grid inline (a data URI: any machine's browser shows it).
+    The grid is embedded only for a DP release or the public model: samples of a model fine-tuned
+    without DP are private."""
+    import base64
+
+    stamp = led.release if led else scores.get("release", "release unknown")
+    dp = bool(led and led.dp_release)
+    spent = led.epsilon_spent if led else None
+    md = [f"**{stamp}**" + ("" if dp else " -- NOT A DP RELEASE"),
+          f"private: {led.private}, epsilon spent: {'-' if spent is None else f'{spent:.4g}'} (delta {led.delta:g}), "
+          f"all attempts on this data: {'-' if led.epsilon_spent_all_attempts is None else f'{led.epsilon_spent_all_attempts:.4g}'}"
+          if led else "no ledger", "",
+          "| metric | synthetic data | real data (same classifier, real train split) |", "|---|---|---|"]
+    for name in ("cnn", "mlp", "logreg"):
+        if f"{name}_accuracy" in scores:
+            md.append(f"| {name.upper() if name != 'logreg' else 'logistic regression'} accuracy on the real test split | "
+                      f"{_pct(scores[f'{name}_accuracy'], scores.get(f'{name}_accuracy_std'))} | "
+                      f"{_pct(reference.get(f'real_{name}_accuracy'), reference.get(f'real_{name}_accuracy_std'))} |")
+    for key, value in scores.items():
+        if key.startswith(("fid_", "kid_")) and key.endswith(("_mean", "domain", "inception")) and isinstance(value, float):
+            std = scores.get(key.replace("_mean", "_std")) if key.endswith("_mean") else None
+            md.append(f"| {key} (lower is better) | {value:.1f}" + (f" (std {std:.1f})" if std is not None else "") + " | - |")
+    if grid_png is not None and (dp or (led is not None and led.mode == "none")):
+        md += ["", "One row per class:", "", f"![samples](data:image/png;base64,{base64.b64encode(grid_png).decode()})"]
+    elif grid_png is not None:
+        md += ["", "Sample grid withheld: the model is not a DP release, so its samples are private."]
+    return "\n".join(md)
+
+
 def publish_artifacts(repo: str, results: list[dict]) -> dict:
     m = read_metrics(repo)
     keys = {}
@@ -164,16 +199,9 @@ def publish_artifacts(repo: str, results: list[dict]) -> dict:
         keys["ledger"] = "dpldm-privacy-ledger"
     scores = {**m.get("score_fid", {}), **m.get("score_classifier", {})}
     if scores:
-        grid = (Path(repo) / "reports/sample/grid.png").resolve()
-        stamp = led.release if led else scores.get("release", "release unknown")
-        spent = led.epsilon_spent if led else None
-        md = [f"**{stamp}**" + ("" if led and led.dp_release else " -- NOT A DP RELEASE"),
-              f"private: {led.private if led else None}, epsilon spent: {'-' if spent is None else f'{spent:.4g}'}, "
-              f"all attempts on this data: {led.epsilon_spent_all_attempts if led else None}", "",
-              "| metric | value |", "|---|---|"]
-        md += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scores.items() if k != "release"]
-        md += ["", f"Sample grid: [{grid.name}]({grid.as_uri()})"]
-        create_markdown_artifact(key="dpldm-scores", markdown="\n".join(md), description="FID/KID and downstream accuracy")
+        grid = Path(repo) / "reports/sample/grid.png"
+        md = scores_markdown(scores, m.get("reference", {}), led, grid.read_bytes() if grid.exists() else None)
+        create_markdown_artifact(key="dpldm-scores", markdown=md, description="FID/KID and downstream accuracy")
         keys["scores"] = "dpldm-scores"
     audit = m.get("audit")
     if audit:
