@@ -10,6 +10,7 @@ fine-tuning retry resumes from its checkpoint or counts as a new attempt in the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -112,6 +113,21 @@ def run_stage(stage: str, repo: str, private_stage: bool = False) -> Completed:
     result = {"stage": stage, "ran": ran, "seconds": round(time.time() - t0, 1)}
     return Completed(data=result, name="Completed" if ran else "UpToDate",
                      message=f"ran in {result['seconds']} s" if ran else "up to date (DVC skipped it)")
+
+
+@contextlib.contextmanager
+def overridden_params(repo: str, overrides: dict | None):
+    """params.yaml with ``overrides`` applied for the duration of one flow run, then restored byte for
+    byte (comments included), even when a stage fails: the next run starts from the committed params,
+    never from the previous run's overrides."""
+    path = Path(repo) / "params.yaml"
+    original = path.read_bytes()
+    try:
+        apply_overrides(repo, overrides)
+        yield
+    finally:
+        if path.read_bytes() != original:
+            path.write_bytes(original)
 
 
 def apply_overrides(repo: str, overrides: dict | None) -> None:
@@ -233,14 +249,14 @@ def dpldm_pipeline(repo: str = ".", overrides: dict | None = None, pull: bool = 
     if errors:
         raise ValueError("dvc.yaml breaks the declared privacy boundary:\n" + "\n".join(errors))
     private_only = private_only_stages(stages)
-    apply_overrides(repo, overrides)
     if pull:
         subprocess.run([dvc_bin(), "pull", "--allow-missing"], cwd=repo, env=stage_env(), check=False)
     results = []
-    for stage in stage_order(repo):
-        state = run_stage(stage, repo, private_stage=stage in private_only, return_state=True)
-        results.append(state.result())
-    publish_artifacts(repo, results)
+    with overridden_params(repo, overrides):
+        for stage in stage_order(repo):
+            state = run_stage(stage, repo, private_stage=stage in private_only, return_state=True)
+            results.append(state.result())
+        publish_artifacts(repo, results)
     if push:
         subprocess.run([dvc_bin(), "push"], cwd=repo, env=stage_env(), check=True)
     return results

@@ -29,3 +29,19 @@ def test_samples_of_a_non_private_model_are_not_shown():
     led = dataclasses.replace(LEDGER, dp_release=False, private=False, release="not a DP release: non-private fine-tuning")
     md = scores_markdown(SCORES, REFERENCE, led, b"\x89PNG fake")
     assert "NOT A DP RELEASE" in md and "data:image" not in md and "withheld" in md
+
+
+def test_flow_overrides_leave_no_trace_in_params_yaml(tmp_path):
+    import pytest
+    import yaml
+
+    from pipeline.flow import overridden_params
+
+    text = "# a comment users wrote\nfinetune:\n  epsilon: 10   # kept\n  layers: [1, 7]\n"
+    (tmp_path / "params.yaml").write_text(text)
+    with overridden_params(str(tmp_path), {"finetune.epsilon": 5}):
+        assert yaml.safe_load((tmp_path / "params.yaml").read_text())["finetune"]["epsilon"] == 5
+    assert (tmp_path / "params.yaml").read_text() == text
+    with pytest.raises(RuntimeError), overridden_params(str(tmp_path), {"finetune.epsilon": 1}):
+        raise RuntimeError("a stage failed")
+    assert (tmp_path / "params.yaml").read_text() == text
