@@ -1,20 +1,22 @@
-"""Sampler settings (DDIM eta, steps, classifier-free guidance) for a trained LDM, scored WITHOUT the real
-test split, so that the default they pick is not model selection on test data (DEVELOPERS.md, invariant 5).
+"""Sampler settings (DDIM eta, steps, classifier-free guidance) for a trained LDM, scored on a PUBLIC PROXY
+of the private set, so that the default they pick is not a choice made on private data (invariant 7).
 
-    python benchmarks/sampling_sweep.py [--ldm models/ldm_private] [--per-class 100]
+    python scripts/apply_profile.py benchmarks/profiles/public_proxy.yaml && make repro   # in a copy of the repo
+    python benchmarks/sampling_sweep.py [--ldm models/ldm_private] [--per-class 100] [--tstr]
         [--settings eta=1,steps=25,w=0 eta=0,steps=25,w=0 ...] [--out benchmarks/results/sampling_sweep.md]
 
-Run it in a workspace where `dvc repro` has finished. For each setting it draws ``per_class`` samples
-per class with the same seed and reports:
+Run it in a workspace where `dvc repro` has finished on the public proxy profile (the "private" set is
+then scikit-learn's public 8x8 digits). It refuses a workspace whose private source is not a public
+proxy (``data.private.source`` in PUBLIC_PROXIES) unless ``--allow-private`` is given, and then says
+that its choice is outside the ledger. For each setting it draws ``per_class`` samples per class with
+the same seed and reports:
 - label consistency: share of samples that the domain CNN of the `reference` stage (trained on the
-  private *train* split) assigns to the class they were conditioned on;
-- fid_domain / kid_domain against the private train split (what `score_fid` reports);
-- with ``--tstr``: accuracy on the private *train* split of a SmallCNN trained on the samples (epoch chosen
-  on a synthetic validation split; epochs, batch, lr and split from params.yaml's `classifier`), the downstream task
-  itself with train data standing in for test data;
+  proxy's train split) assigns to the class they were conditioned on;
+- fid_domain / kid_domain against the proxy's train split (what `score_fid` reports);
+- with ``--tstr``: accuracy on the proxy's train split of a SmallCNN trained on the samples (epoch chosen on
+  a synthetic validation split; epochs, batch, lr and split from params.yaml's `classifier`);
 - sampling seconds per 1,000 images on this machine.
-Both scores read the private train split outside the DP ledger, as the paper's hyperparameter choices
-do; the real test split is never opened here."""
+The test split is never opened here."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +39,9 @@ from stages.artifacts import load_autoencoder, load_ldm  # noqa: E402
 
 DEFAULT_SETTINGS = ["eta=1,steps=25,w=0", "eta=0,steps=25,w=0", "eta=0.5,steps=25,w=0",
                     "eta=1,steps=25,w=1", "eta=0,steps=25,w=1", "eta=0,steps=25,w=2"]
+
+
+PUBLIC_PROXIES = ("digits8x8", "fontdigits")  # public sources that stand in for the private set
 
 
 def parse_setting(text: str) -> dict:
@@ -63,9 +68,17 @@ def main() -> None:
     ap.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS)
     ap.add_argument("--out", default="benchmarks/results/sampling_sweep.md")
     ap.add_argument("--params", default="params.yaml", help="its classifier section sets the --tstr CNN")
+    ap.add_argument("--allow-private", action="store_true", help="score on a real private set (a choice outside the ledger)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    clf = load_section(read_params(args.params), "classifier")  # the CNN score_classifier trains
+    params = read_params(args.params)
+    clf = load_section(params, "classifier")  # the CNN score_classifier trains
+    source = load_section(params, "data").private.source
+    if source not in PUBLIC_PROXIES and not args.allow_private:
+        raise SystemExit(f"sampling_sweep: data.private.source = {source!r} is private data; tuning on it is a choice outside the "
+                         f"privacy ledger (invariant 7). Run it in a copy of the repo on the public proxy profile "
+                         f"(python scripts/apply_profile.py benchmarks/profiles/public_proxy.yaml && make repro), "
+                         f"or pass --allow-private to do it anyway.")
 
     model, ldm_cfg, conf = load_ldm(args.ldm)
     model.eval()
@@ -100,9 +113,11 @@ def main() -> None:
               f"kid {fid['kid_domain_mean']:.4f}, CNN on private train {tstr:.3f}, {rows[-1][5]:.1f} s/1k", flush=True)
 
     lines = [f"Model `{args.ldm}`, {args.per_class} samples per class, seed {args.seed}; machine {platform.machine()}, "
-             f"{args.threads} threads. Scores use the private train split only (never the test split).", "",
+             f"{args.threads} threads; data.private.source = {source}"
+             + ("" if source in PUBLIC_PROXIES else " (REAL PRIVATE DATA: a choice made on this is outside the ledger)")
+             + ". Scores use the train split only (never the test split).", "",
              "| setting | label consistency (reference CNN) | fid_domain | kid_domain "
-             "| CNN trained on samples, acc. on private train | s per 1k samples |",
+             "| CNN trained on samples, acc. on the train split | s per 1k samples |",
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {t} | {c:.3f} | {f:.1f} | {k:.4f} | {a:.3f} | {s:.1f} |" for t, c, f, k, a, s in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
