@@ -241,11 +241,30 @@ class LDMConfig:
         check(self.checkpoint_every >= 1, "ldm.checkpoint_every", self.checkpoint_every, "an integer >= 1")
 
 
+LoraTarget = Literal["to_q", "to_k", "to_v", "to_out", "ff", "proj_in", "proj_out"]
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (peft) in the attention modules ``finetune.layers`` (``finetune.mode: lora``)."""
+
+    rank: int
+    alpha: float  # peft's lora_alpha: the update is scaled by alpha / rank
+    targets: tuple[LoraTarget, ...]  # attention projections, optionally the feed-forward and proj_in/proj_out
+
+    def __post_init__(self):
+        check(self.rank >= 1, "finetune.lora.rank", self.rank, "an integer >= 1")
+        check(self.alpha > 0, "finetune.lora.alpha", self.alpha, "a number > 0")
+        check(len(self.targets) >= 1 and len(set(self.targets)) == len(self.targets), "finetune.lora.targets",
+              self.targets, "a non-empty list without repeats of to_q, to_k, to_v, to_out, ff, proj_in, proj_out")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
-    mode: Literal["attention", "full", "none"]
+    mode: Literal["attention", "lora", "full", "none"]
     layers: tuple[int, int]  # attention modules i..j, 1-based, forward order, inclusive
     train_embedder: bool
+    lora: LoraConfig  # used by mode: lora
     private: bool
     epsilon: float
     delta: float

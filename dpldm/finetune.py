@@ -18,10 +18,10 @@ import torch
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, TensorDataset
 
-from .config import FinetuneConfig, LDMConfig
+from .config import FinetuneConfig, LDMConfig, to_dict
 from .diffusion import eps_loss, make_scheduler
 from .ledger import SEEDED_NOISE, SECRET_NOISE, Ledger, release_of
-from .models import ConditionalUNet
+from .models import ConditionalUNet, merge_lora
 from .privacy import (DPPlan, Selection, dp_generators, make_private, plan_dp, select_trainable, steps_per_epoch_of,
                       train_epoch, validate_plan_inputs)
 
@@ -30,7 +30,7 @@ def plan_finetune(model: ConditionalUNet, cfg: FinetuneConfig, *, n: int) -> tup
     """Everything that must be settled before private data is read: the trainable selection and the
     DP plan (noise calibrated from N alone). ``None`` plan: no DP (non-private, or ``mode: none``).
     Raises ``PrivacyConfigError`` naming the bad key."""
-    selection = select_trainable(model, mode=cfg.mode, layers=cfg.layers, train_embedder=cfg.train_embedder)
+    selection = select_trainable(model, mode=cfg.mode, layers=cfg.layers, train_embedder=cfg.train_embedder, lora=cfg.lora)
     if cfg.private and cfg.mode != "none":
         return selection, plan_dp(cfg, n=n)
     validate_plan_inputs(cfg, n=n)
@@ -51,6 +51,8 @@ def new_ledger(cfg: FinetuneConfig, selection: Selection, plan: DPPlan | None, *
         delta=cfg.delta, target_epsilon=cfg.epsilon if private else None,
         noise_multiplier=plan.noise_multiplier if plan else 0.0,
         sample_rate=plan.sample_rate if plan else 1.0 / steps_per_epoch_of(n, cfg.batch_size),
+        lora=to_dict(cfg.lora) if cfg.mode == "lora" else None,
+        adapter_params=[name for name in selection.names if ".lora_" in name],
     )
 
 
@@ -111,11 +113,14 @@ class Finetuning:
         """The accountant's epsilon so far (``None`` without DP)."""
         return float(self.accountant.get_epsilon(delta=self.cfg.delta)) if self.accountant is not None else None
 
-    def finish(self) -> None:
-        """Put the EMA weights into the model (the released parameters)."""
+    def finish(self) -> dict | None:
+        """Put the EMA weights into the model (the released parameters). LoRA adapters are then folded
+        into the base weights (the model has the plain architecture again); their own weights are
+        returned for an adapter-only release (``None`` in the other modes)."""
         if self.selection.params:
             self.ema.copy_to(self.selection.params)
         self.model.eval()
+        return merge_lora(self.model) if self.selection.mode == "lora" else None
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs. The DP generators' states only when seeded: secret ones are

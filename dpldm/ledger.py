@@ -63,6 +63,8 @@ class Ledger:
     attempt: int = 0  # how many attempts used this private data, this one included
     epsilon_spent_all_attempts: float | None = None  # basic composition over the attempts; inf = voided
     resumed_at_epoch: list[int] = field(default_factory=list)
+    lora: dict | None = None  # mode lora: rank, alpha, targets
+    adapter_params: list[str] = field(default_factory=list)  # mode lora: the adapter tensors that trained
 
     # what the Prefect ledger artifact shows, in this order
     SUMMARY = ("dp_release", "release", "private", "epsilon_spent", "target_epsilon", "epsilon_spent_all_attempts", "delta",

@@ -133,6 +133,44 @@ def attention_modules(model: ConditionalUNet) -> list[AttentionModule]:
 
 
 # ----------------------------------------------------------------------------------------------
+# LoRA adapters (peft) in chosen attention modules
+
+LORA_TARGETS = {  # finetune.lora.targets -> module name patterns inside a Transformer2DModel
+    "to_q": r"attn\d\.to_q", "to_k": r"attn\d\.to_k", "to_v": r"attn\d\.to_v", "to_out": r"attn\d\.to_out\.0",
+    "ff": r"ff\.net\.(0\.proj|2)", "proj_in": r"proj_in", "proj_out": r"proj_out",
+}
+
+
+def lora_pattern(modules: list[AttentionModule], targets: tuple[str, ...]) -> str:
+    """The regular expression peft full-matches against the UNet's module names: the ``targets`` inside
+    the given attention modules only."""
+    import re
+
+    prefixes = "|".join(re.escape(m.name.removeprefix("unet.")) for m in modules)
+    return rf"^({prefixes})\.(.*\.)?({'|'.join(LORA_TARGETS[t] for t in targets)})$"
+
+
+def add_lora(model: ConditionalUNet, modules: list[AttentionModule], *, rank: int, alpha: float, targets: tuple[str, ...]) -> None:
+    """peft LoRA adapters (diffusers' ``add_adapter``) on ``targets`` in ``modules``. B starts at zero, so
+    the adapted model equals the base model until it trains."""
+    from peft import LoraConfig
+
+    model.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora_pattern(modules, targets),
+                                      init_lora_weights=True))
+
+
+def merge_lora(model: ConditionalUNet) -> dict[str, torch.Tensor]:
+    """Fold the adapters into the base weights and remove them: the model has the plain architecture
+    again (what ``sample`` loads). Returns the adapter weights (peft's state dict, small) first."""
+    from peft import get_peft_model_state_dict
+
+    adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model.unet).items()}
+    model.unet.fuse_lora()
+    model.unet.unload_lora()
+    return adapter
+
+
+# ----------------------------------------------------------------------------------------------
 # Paper presets (shapes of the official configs), for tests and for users with bigger machines
 
 PRESETS: dict[str, dict] = {

@@ -30,8 +30,8 @@ from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-from .config import ConfigError, FinetuneConfig
-from .models import AttentionModule, ConditionalUNet, attention_modules
+from .config import ConfigError, FinetuneConfig, LoraConfig
+from .models import AttentionModule, ConditionalUNet, add_lora, attention_modules
 
 
 class PrivacyConfigError(ConfigError):
@@ -63,17 +63,20 @@ class Selection:
         return self.trainable_params / self.total_params
 
     def describe(self) -> str:
-        extra = " + class_embedder" if self.train_embedder and self.mode == "attention" else ""
+        extra = " + class_embedder" if self.train_embedder else ""
+        extra += " (LoRA adapters only)" if self.mode == "lora" else ""
         return (f"{len(self.names)} tensors, {self.trainable_params:,} of {self.total_params:,} parameters "
                 f"({100 * self.share:.1f}%): {[m.name for m in self.modules]}{extra}")
 
 
-def select_trainable(model: ConditionalUNet, *, mode: str, layers: tuple[int, int], train_embedder: bool) -> Selection:
+def select_trainable(model: ConditionalUNet, *, mode: str, layers: tuple[int, int], train_embedder: bool,
+                     lora: LoraConfig | None = None) -> Selection:
     """Freeze everything, then unfreeze the selection.
 
     ``attention``: spatial-transformer blocks ``layers = (i, j)`` (1-based, forward order,
-    inclusive) plus the class embedder if ``train_embedder``. ``full``: every parameter.
-    ``none``: nothing (evaluate the pretrained model)."""
+    inclusive) plus the class embedder if ``train_embedder``. ``lora``: peft adapters (``lora``) added
+    to those blocks, and only the adapters train (plus the class embedder if ``train_embedder``).
+    ``full``: every parameter. ``none``: nothing (evaluate the pretrained model)."""
     mods = attention_modules(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -81,7 +84,7 @@ def select_trainable(model: ConditionalUNet, *, mode: str, layers: tuple[int, in
         chosen, prefixes = [], None
     elif mode == "full":
         chosen, prefixes = mods, [""]
-    elif mode == "attention":
+    elif mode in ("attention", "lora"):
         i, j = layers
         if not (1 <= i <= j <= len(mods)):
             listing = "; ".join(f"{m.index}: {m.name} ({m.num_params:,} params)" for m in mods)
@@ -90,16 +93,21 @@ def select_trainable(model: ConditionalUNet, *, mode: str, layers: tuple[int, in
                 f"(need 1 <= i <= j <= {len(mods)}). Available: {listing}")
         chosen = mods[i - 1:j]
         prefixes = [m.name + "." for m in chosen] + (["class_embedder."] if train_embedder else [])
+        if mode == "lora":
+            if lora is None:
+                raise PrivacyConfigError("finetune.mode = 'lora' needs the finetune.lora section")
+            add_lora(model, list(chosen), rank=lora.rank, alpha=lora.alpha, targets=lora.targets)
     else:
-        raise PrivacyConfigError(f"finetune.mode = {mode!r}; expected 'attention', 'full' or 'none'")
+        raise PrivacyConfigError(f"finetune.mode = {mode!r}; expected 'attention', 'lora', 'full' or 'none'")
     names, params = [], []
     for name, p in model.named_parameters():
-        if prefixes is not None and any(name.startswith(pre) for pre in prefixes):
+        adapter_ok = mode != "lora" or ".lora_" in name or name.startswith("class_embedder.")
+        if prefixes is not None and adapter_ok and any(name.startswith(pre) for pre in prefixes):
             p.requires_grad_(True)
             names.append(name)
             params.append(p)
     return Selection(mode=mode, names=tuple(names), params=tuple(params), modules=tuple(chosen),
-                     train_embedder=train_embedder and mode == "attention",
+                     train_embedder=train_embedder and mode in ("attention", "lora"),
                      total_params=sum(p.numel() for p in model.parameters()))
 
 

@@ -250,13 +250,16 @@ def save_npz(path, **arrays) -> None:
             np.savez(fh, **arrays)
 
 
-def save_model(folder, *, state_dict: dict, config: dict, extra: dict | None = None) -> None:
-    """state_dict (tensors only) + config JSON; no pickled code."""
+def save_model(folder, *, state_dict: dict, config: dict, extra: dict | None = None, tensors: dict | None = None) -> None:
+    """state_dict (tensors only) + config JSON; no pickled code. ``tensors``: more tensor files by name
+    (e.g. ``{"adapter.pt": ...}``)."""
     import torch
 
     with atomic_path(folder) as tmp:
         tmp.mkdir(parents=True)
         torch.save(state_dict, tmp / "model.pt")
+        for name, obj in (tensors or {}).items():
+            torch.save(obj, tmp / name)
         (tmp / "config.json").write_text(json.dumps({**config, **(extra or {})}, indent=2) + "\n")
 
 

@@ -85,7 +85,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
             if stop_after and ft.epoch >= stop_after and ft.epoch < ft.epochs:
                 raise SystemExit(f"dp_finetune: stopped after epoch {ft.epoch} (DPLDM_STOP_AFTER_EPOCH)")
         bar.close()
-        ft.finish()
+        adapter = ft.finish()
         eps = ft.epsilon()
         if eps is not None and eps > cfg.epsilon + 1e-9:
             raise RuntimeError(f"accountant reports epsilon {eps:.4f} above the target {cfg.epsilon}: refusing to release")
@@ -102,9 +102,14 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     ckpt.mark_completed()
     write_json(attempts_path, attempts)
     write_json(outputs["ledger"], ledger.to_dict())
+    # mode lora: model.pt holds the merged weights (what sample loads); adapter.pt the adapters alone
+    # (a small release, applied to the base model whose hash it names)
+    lora_files = {"adapter": "adapter.pt", "base_model": "models/ldm_public/model.pt",
+                  "base_model_sha": ckpt.run_key["ldm_sha"]} if adapter is not None else None
     save_model(outputs["model"], state_dict=model.cpu().state_dict(), config=to_dict(ldm_cfg),
                extra={"latent_shape": list(z.shape[1:]), "finetune": to_dict(cfg), "trainable": list(selection.names),
-                      "release": ledger.release_stamp})
+                      "release": ledger.release_stamp, **({"lora": lora_files} if lora_files else {})},
+               tensors={"adapter.pt": adapter} if adapter is not None else None)
     return {"epsilon_spent": ledger.epsilon_spent, "noise_multiplier": ledger.noise_multiplier, "steps": ledger.steps,
             "trainable_params": ledger.trainable_params}
 
