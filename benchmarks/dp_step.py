@@ -1,5 +1,5 @@
 """Seconds per logical step and peak memory of fine-tuning on the embedded default's shapes:
-non-private attention-only, DP attention-only, DP full, at K=1 and K=4 (the README's DP table).
+non-private attention-only, DP attention-only, DP LoRA (params.yaml's finetune.lora), DP full, at K=1 and K=4.
 
     python benchmarks/dp_step.py [--steps 6] [--out benchmarks/results/dp_step.md]
 
@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 CONFIGS = [("non-private attention", "attention", False, 1), ("DP attention", "attention", True, 1),
-           ("DP full", "full", True, 1), ("non-private attention", "attention", False, 4),
-           ("DP attention", "attention", True, 4), ("DP full", "full", True, 4)]
+           ("DP LoRA (finetune.lora)", "lora", True, 1), ("DP full", "full", True, 1),
+           ("non-private attention", "attention", False, 4), ("DP attention", "attention", True, 4),
+           ("DP LoRA (finetune.lora)", "lora", True, 4), ("DP full", "full", True, 4)]
 
 
 def one(mode: str, private: bool, k: int, steps: int) -> dict:
