@@ -56,14 +56,15 @@ def test_dp_lora_run_keeps_the_base_changes_every_adapter_and_merges_exactly():
     torch.manual_seed(0)
     model = build_ldm(CFG, latent_channels=4, latent_size=4)
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    c = lora_cfg(epochs=2, batch_size=20, physical_batch_size=10, delta=1e-3, reproducible_noise=True)
-    sel, plan = plan_finetune(model, c, n=100)
-    ledger = new_ledger(c, sel, plan, n=100)
+    n = 60
+    c = lora_cfg(epochs=1, batch_size=20, physical_batch_size=20, delta=1e-3, reproducible_noise=True)
+    sel, plan = plan_finetune(model, c, n=n)
+    ledger = new_ledger(c, sel, plan, n=n)
     assert ledger.lora == {"rank": 4, "alpha": 4.0, "targets": ["to_q", "to_k", "to_v", "to_out"]}
     assert ledger.adapter_params and set(ledger.adapter_params) == {n for n in sel.names if ".lora_" in n}
     assert ledger.trainable_params == sel.trainable_params < 0.1 * ledger.total_params
     g = torch.Generator().manual_seed(0)
-    ft = Finetuning(model, sel, plan, c, CFG, z=torch.randn(100, 4, 4, 4, generator=g), y=torch.randint(0, 10, (100,), generator=g),
+    ft = Finetuning(model, sel, plan, c, CFG, z=torch.randn(n, 4, 4, 4, generator=g), y=torch.randint(0, 10, (n,), generator=g),
                     seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
     while ft.epoch < ft.epochs:
