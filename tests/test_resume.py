@@ -155,7 +155,7 @@ def test_bad_inputs_fail_before_private_data_is_read(upstream, tmp_path, monkeyp
 
 
 def test_attempts_recorded_before_secret_noise_void_the_total():
-    from stages.dp_finetune import total_epsilon
+    from dpldm.ledger import total_epsilon
 
     legacy = [{"data_sha": "d", "private": True, "target_epsilon": 10.0, "status": "completed", "epsilon_spent": 9.99}]
     assert total_epsilon(legacy, "d") == float("inf")
