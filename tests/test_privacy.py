@@ -11,7 +11,7 @@ from dpldm.models import attention_modules, build_ldm
 from dpldm.privacy import (KAveragedDPOptimizer, PrivacyConfigError, epsilon_of, plan_dp, select_trainable,
                            validate_plan_inputs)
 
-CFG = cfg("ldm", block_out_channels=(32, 32))
+CFG = cfg("ldm", block_out_channels=(32, 32), class_time_embedding=True)  # both class-embedder tables
 
 
 def tiny_model(seed=0):
