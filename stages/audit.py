@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dpldm.audit import GradientCanaries, balanced_subset, denoising_losses, membership_auc
-from dpldm.config import load_section
+from dpldm.config import AuditConfig, FinetuneConfig, load_section
 from dpldm.diffusion import make_scheduler
 from dpldm.finetune import Finetuning, plan_finetune
 from dpldm.privacy import PrivacyConfigError, epsilon_of
@@ -29,8 +29,7 @@ INPUTS = ("ldm", "latents", "released")
 OUTPUTS = ("live",)
 
 
-def white_box(params: dict, inputs: dict, *, seed: int, device) -> dict:
-    cfg, acfg = load_section(params, "finetune"), load_section(params, "audit")
+def white_box(cfg: FinetuneConfig, acfg: AuditConfig, inputs: dict, *, seed: int, device) -> dict:
     model, ldm_cfg, _ = load_ldm(inputs["ldm"])
     try:
         selection, plan = plan_finetune(model, cfg, n=npz_rows(inputs["latents"], "train_labels"))
@@ -57,10 +56,9 @@ def white_box(params: dict, inputs: dict, *, seed: int, device) -> dict:
     return out
 
 
-def black_box(params: dict, inputs: dict, *, device) -> dict:
+def black_box(acfg: AuditConfig, inputs: dict, *, device) -> dict:
     """Membership scores of the released model, and of the public model (never trained on either split)
     as the control: its AUC should be about 0.5; what the released model adds over it is membership."""
-    acfg = load_section(params, "audit")
     data = np.load(inputs["latents"])
     split = {}
     for name in ("train", "test"):
@@ -80,13 +78,12 @@ def black_box(params: dict, inputs: dict, *, device) -> dict:
 
 
 def run(params: dict, inputs: dict, outputs: dict) -> dict:
-    cfg = load_section(params, "finetune")
-    load_section(params, "audit")  # a bad audit key stops the stage before any work
+    cfg, acfg = load_section(params, "finetune"), load_section(params, "audit")  # parsed once, before any work
     device, seed = setup_runtime(params, stage="dp_finetune")  # the audit run draws its (t, noise) as dp_finetune does
     if not (cfg.private and cfg.mode != "none"):
         metrics = {"audit": f"not applicable: finetune.mode {cfg.mode}, finetune.private {cfg.private} (no DP mechanism)"}
     else:
-        metrics = {**white_box(params, inputs, seed=seed, device=device), **black_box(params, inputs, device=device)}
+        metrics = {**white_box(cfg, acfg, inputs, seed=seed, device=device), **black_box(acfg, inputs, device=device)}
         if cfg.reproducible_noise:
             metrics["audit"] = "seeded noise (finetune.reproducible_noise): the mechanism audited is not a DP release"
         else:
