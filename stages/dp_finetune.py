@@ -104,7 +104,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     write_json(outputs["ledger"], ledger.to_dict())
     # mode lora: model.pt holds the merged weights (what sample loads); adapter.pt the adapters alone
     # (a small release, applied to the base model whose hash it names)
-    lora_files = {"adapter": "adapter.pt", "base_model": "models/ldm_public/model.pt",
+    lora_files = {"adapter": "adapter.pt", "base_model": str(Path(inputs["ldm"]) / "model.pt"),
                   "base_model_sha": ckpt.run_key["ldm_sha"]} if adapter is not None else None
     save_model(outputs["model"], state_dict=model.cpu().state_dict(), config=to_dict(ldm_cfg),
                extra={"latent_shape": list(z.shape[1:]), "finetune": to_dict(cfg), "trainable": list(selection.names),
