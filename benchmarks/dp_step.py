@@ -10,7 +10,7 @@ batch; the first is not timed. Each configuration runs in a fresh process so tha
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import copy
 import json
 import platform
 import resource
@@ -19,13 +19,27 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = [("non-private attention", "attention", False, 1), ("DP attention", "attention", True, 1),
-           ("DP LoRA (finetune.lora)", "lora", True, 1), ("DP full", "full", True, 1),
-           ("non-private attention", "attention", False, 4), ("DP attention", "attention", True, 4),
-           ("DP LoRA (finetune.lora)", "lora", True, 4), ("DP full", "full", True, 4)]
+CONFIGS = [(label, {"finetune.mode": mode, "finetune.private": private, "finetune.noise_multiplicity": k})
+           for k in (1, 4) for label, mode, private in
+           (("non-private attention", "attention", False), ("DP attention", "attention", True),
+            ("DP LoRA (finetune.lora)", "lora", True), ("DP full", "full", True))]
 
 
-def one(mode: str, private: bool, k: int, steps: int) -> dict:
+def apply_overrides(params: dict, overrides: dict) -> dict:
+    """``{"finetune.lora.rank": 16}`` written into a copy of the params tree."""
+    params = copy.deepcopy(params)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node[key]
+        if leaf not in node:
+            raise KeyError(f"{dotted}: no such key in params.yaml")
+        node[leaf] = value
+    return params
+
+
+def one(overrides: dict, steps: int) -> dict:
     import torch
     import yaml
 
@@ -33,10 +47,9 @@ def one(mode: str, private: bool, k: int, steps: int) -> dict:
     from dpldm.finetune import Finetuning, plan_finetune
     from dpldm.models import build_ldm
 
-    cfgs = load_all(yaml.safe_load(Path("params.yaml").read_text()))
+    cfgs = load_all(apply_overrides(yaml.safe_load(Path("params.yaml").read_text()), overrides))
     torch.set_num_threads(cfgs["runtime"].threads or torch.get_num_threads())
-    ldm = cfgs["ldm"]
-    ft = dataclasses.replace(cfgs["finetune"], mode=mode, private=private, noise_multiplicity=k)
+    ldm, ft = cfgs["ldm"], cfgs["finetune"]
     n = ft.batch_size * (steps + 1)
     model = build_ldm(ldm, latent_channels=4, latent_size=8)
     selection, plan = plan_finetune(model, ft, n=n)
@@ -48,21 +61,28 @@ def one(mode: str, private: bool, k: int, steps: int) -> dict:
             "trainable": selection.trainable_params}
 
 
+def measure(overrides: dict, steps: int) -> dict:
+    """``one`` in a fresh process (so that its peak RSS is its own): {s_per_step, peak_rss_mib, trainable}."""
+    out = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--one", json.dumps(overrides)],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"dp_step {overrides} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default="benchmarks/results/dp_step.md")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # JSON {dotted params key: value}
     args = ap.parse_args()
     if args.one:
-        mode, private, k = args.one.split(",")
-        print(json.dumps(one(mode, private == "1", int(k), args.steps)))
+        print(json.dumps(one(json.loads(args.one), args.steps)))
         return
     rows = []
-    for label, mode, private, k in CONFIGS:
-        out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--one", f"{mode},{int(private)},{k}"],
-                             capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+    for label, overrides in CONFIGS:
+        k = overrides["finetune.noise_multiplicity"]
+        r = measure(overrides, args.steps)
         rows.append((label, k, r))
         print(label, k, r, flush=True)
     base = {k: r["s_per_step"] for label, k, r in rows if label == "non-private attention"}

@@ -71,7 +71,8 @@ class Ledger:
                "noise_multiplier", "sample_rate", "steps", "epochs", "N", "K", "clip_norm", "accountant", "noise_source",
                "trainable_params", "trainable_share", "attempt")
     # what the sweep's comparison table takes from each experiment's ledger
-    SWEEP = ("private", "dp_release", "release", "epsilon_spent", "epsilon_spent_all_attempts", "noise_multiplier", "steps")
+    SWEEP = ("private", "dp_release", "release", "epsilon_spent", "epsilon_spent_all_attempts", "noise_multiplier", "steps",
+             "trainable_params")
 
     @classmethod
     def from_dict(cls, d: dict) -> Ledger:

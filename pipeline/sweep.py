@@ -1,6 +1,7 @@
 """Experiments across privacy budgets (and layer ranges) with ``dvc exp``, then one comparison.
 
     python -m pipeline.sweep --epsilons 1 5 10 [--layers 1-7 4-7] [--extra nonprivate:finetune.private=false]
+                             [--set finetune.epochs=5 sample.per_class=200]
 
 1. ``dvc repro`` of the shared upstream stages, once (so no experiment re-trains them);
 2. one ``dvc exp run -S finetune.epsilon=E -S finetune.layers=[i,j]`` per setting, serially
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import subprocess
 from pathlib import Path
 
@@ -29,8 +31,9 @@ TARGETS = ("score_fid", "score_classifier")  # what an experiment reproduces; th
 LEDGER = "reports/dp_finetune/ledger.json:"
 COLUMNS = {  # table column -> dvc exp show column (metrics file:key, or params key)
     "epsilon_target": "finetune.epsilon", "layers": "finetune.layers", "mode": "finetune.mode",
-    **{key: LEDGER + key for key in Ledger.SWEEP},
+    "lora_rank": "finetune.lora.rank", **{key: LEDGER + key for key in Ledger.SWEEP},
     "fid_domain": "fid_domain", "kid_domain_mean": "kid_domain_mean", "cnn_accuracy": "cnn_accuracy",
+    "cnn_accuracy_std": "cnn_accuracy_std",
     "mlp_accuracy": "mlp_accuracy", "logreg_accuracy": "logreg_accuracy",
 }
 
@@ -46,8 +49,20 @@ def dvc(*args: str, repo: str = ".") -> subprocess.CompletedProcess:
     return proc
 
 
-def settings_of(epsilons: list[float], layers: list[str], extra: list[str]) -> list[tuple[str, dict]]:
-    """[(experiment name, {param: value})]; ``layers`` like "1-7"; ``extra`` like "name:key=value,key=value"."""
+def parse_assignments(text: str) -> dict:
+    """"key=value,key=value" (a value may be a YAML list with commas: ``finetune.layers=[4,7]``) -> {key: value}."""
+    out = {}
+    for part in re.split(r",(?![^\[]*\])", text):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"bad assignment {part!r} in {text!r}: expected key=value, like finetune.epsilon=5")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def settings_of(epsilons: list[float], layers: list[str], extra: list[str], common: dict | None = None) -> list[tuple[str, dict]]:
+    """[(experiment name, {param: value})]; ``layers`` like "1-7"; ``extra`` like "name:key=value,key=value";
+    ``common`` overrides go into every setting (a setting's own value wins)."""
     out = []
     for eps, lay in itertools.product(epsilons, layers or [None]):
         s = {"finetune.epsilon": eps}
@@ -58,9 +73,20 @@ def settings_of(epsilons: list[float], layers: list[str], extra: list[str]) -> l
             name += f"-layers{i}-{j}"
         out.append((name.replace(".", "p"), s))
     for item in extra:
-        name, _, assigns = item.partition(":")
-        out.append((name, {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in assigns.split(","))}))
-    return out
+        name, sep, assigns = item.partition(":")
+        if not sep or not name:
+            raise ValueError(f"bad --extra {item!r}: expected name:key=value,key=value")
+        out.append((name, parse_assignments(assigns)))
+    return [(name, {**(common or {}), **s}) for name, s in out]
+
+
+def setting_label(row: pd.Series) -> str:
+    """What a line of the privacy-utility plot stands for: the mode, its layer range, the LoRA rank."""
+    mode = str(row.get("mode") or "attention")
+    label = f"{mode} {row.get('layers')}" if mode in ("attention", "lora") else mode
+    if mode == "lora" and row.get("lora_rank") is not None:
+        label += f" r{row['lora_rank']}"
+    return label
 
 
 def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".", rerun: bool = False, audit: bool = False) -> None:
@@ -137,10 +163,12 @@ def plot(df: pd.DataFrame, path: str | Path) -> None:
     dp = df[(df["private"].astype(str).str.lower() != "false") & (df["mode"].astype(str) != "none")].copy()
     dp["eps"] = pd.to_numeric(dp["epsilon_target"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for lay, part in dp.groupby(dp["layers"].astype(str)):
+    dp["setting"] = dp.apply(setting_label, axis=1) if not dp.empty else []
+    for label, part in dp.groupby("setting", sort=False):
         part = part.sort_values("eps")
-        axes[0].plot(part["eps"], 100 * pd.to_numeric(part["cnn_accuracy"]), "o-", label=f"layers {lay}")
-        axes[1].plot(part["eps"], pd.to_numeric(part["fid_domain"]), "o-", label=f"layers {lay}")
+        acc, std = 100 * pd.to_numeric(part["cnn_accuracy"]), 100 * pd.to_numeric(part.get("cnn_accuracy_std"), errors="coerce")
+        axes[0].errorbar(part["eps"], acc, yerr=std.fillna(0), fmt="o-", capsize=3, label=label)
+        axes[1].plot(part["eps"], pd.to_numeric(part["fid_domain"]), "o-", label=label)
     for _, r in df[df["private"].astype(str).str.lower() == "false"].iterrows():
         axes[0].axhline(100 * float(r["cnn_accuracy"]), ls="--", c="gray", label="non-private")
         axes[1].axhline(float(r["fid_domain"]), ls="--", c="gray", label="non-private")
@@ -166,10 +194,10 @@ def write_outputs(df: pd.DataFrame, out_dir: str | Path) -> dict:
 
 
 def sweep_flow_fn(epsilons: list[float], layers: list[str] | None = None, extra: list[str] | None = None, repo: str = ".",
-                  out_dir: str = "reports/sweep") -> dict:
+                  out_dir: str = "reports/sweep", common: dict | None = None) -> dict:
     from prefect.artifacts import create_table_artifact
 
-    settings = settings_of(epsilons, layers or [], extra or [])
+    settings = settings_of(epsilons, layers or [], extra or [], common)
     run_sweep(settings, repo=repo)
     df = comparison([n for n, _ in settings], repo=repo)
     files = write_outputs(df, Path(repo) / out_dir)
@@ -188,6 +216,8 @@ def main(argv=None) -> None:
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 5.0, 10.0])
     ap.add_argument("--layers", nargs="*", default=[], help="layer ranges like 1-7 4-7")
     ap.add_argument("--extra", nargs="*", default=[], help="more experiments: name:key=value,key=value")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides for every experiment of the sweep, like finetune.epochs=5")
     ap.add_argument("--out", default="reports/sweep")
     ap.add_argument("--prefect", action="store_true", help="run as a Prefect flow (table artifact)")
     ap.add_argument("--compare-only", action="store_true", help="skip running; rebuild the comparison")
@@ -195,9 +225,10 @@ def main(argv=None) -> None:
     ap.add_argument("--rerun", action="store_true", help="replace experiments of the same name instead of keeping them")
     ap.add_argument("--with-audit", action="store_true", help="also run the privacy audit stage in every experiment")
     args = ap.parse_args(argv)
-    settings = settings_of(args.epsilons, args.layers, args.extra)
+    common = parse_assignments(",".join(args.set)) if args.set else None
+    settings = settings_of(args.epsilons, args.layers, args.extra, common)
     if args.prefect:
-        print(sweep_flow(args.epsilons, args.layers, args.extra, out_dir=args.out))
+        print(sweep_flow(args.epsilons, args.layers, args.extra, out_dir=args.out, common=common))
         return
     if not args.compare_only:
         run_sweep(settings, rerun=args.rerun, audit=args.with_audit)

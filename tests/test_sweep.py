@@ -1,0 +1,29 @@
+"""The sweep's settings: how --extra / --set strings become experiment params, and the plot's labels."""
+import pandas as pd
+import pytest
+
+from pipeline.sweep import parse_assignments, setting_label, settings_of
+
+
+def test_assignments_keep_yaml_lists_whole():
+    assert parse_assignments("finetune.layers=[4,7],finetune.mode=lora,finetune.lora.rank=16") == {
+        "finetune.layers": [4, 7], "finetune.mode": "lora", "finetune.lora.rank": 16}
+    with pytest.raises(ValueError, match="finetune.epsilon"):
+        parse_assignments("finetune.epsilon")
+
+
+def test_common_overrides_reach_every_setting_and_a_settings_own_value_wins():
+    s = dict(settings_of([1.0, 10.0], [], ["np:finetune.private=false,finetune.epochs=2"], {"finetune.epochs": 5, "sample.per_class": 20}))
+    assert s["eps1"] == {"finetune.epsilon": 1.0, "finetune.epochs": 5, "sample.per_class": 20}
+    assert s["eps10"]["finetune.epochs"] == 5
+    assert s["np"] == {"finetune.private": False, "finetune.epochs": 2, "sample.per_class": 20}
+    with pytest.raises(ValueError, match="name:key=value"):
+        settings_of([], [], ["finetune.private=false"])
+
+
+def test_plot_labels_tell_modes_layers_and_ranks_apart():
+    rows = [{"mode": "attention", "layers": "[1, 7]", "lora_rank": 4}, {"mode": "attention", "layers": "[4, 7]", "lora_rank": 4},
+            {"mode": "lora", "layers": "[1, 7]", "lora_rank": 4}, {"mode": "lora", "layers": "[1, 7]", "lora_rank": 16},
+            {"mode": "full", "layers": "[1, 7]", "lora_rank": 4}]
+    labels = [setting_label(pd.Series(r)) for r in rows]
+    assert len(set(labels)) == 5 and labels[4] == "full"
