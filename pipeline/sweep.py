@@ -169,7 +169,8 @@ def plot(df: pd.DataFrame, path: str | Path) -> None:
         acc, std = 100 * pd.to_numeric(part["cnn_accuracy"]), 100 * pd.to_numeric(part.get("cnn_accuracy_std"), errors="coerce")
         axes[0].errorbar(part["eps"], acc, yerr=std.fillna(0), fmt="o-", capsize=3, label=label)
         axes[1].plot(part["eps"], pd.to_numeric(part["fid_domain"]), "o-", label=label)
-    for _, r in df[df["private"].astype(str).str.lower() == "false"].iterrows():
+    nonprivate = (df["private"].astype(str).str.lower() == "false") & (df["mode"].astype(str) != "none")
+    for _, r in df[nonprivate].iterrows():
         axes[0].axhline(100 * float(r["cnn_accuracy"]), ls="--", c="gray", label="non-private")
         axes[1].axhline(float(r["fid_domain"]), ls="--", c="gray", label="non-private")
     for _, r in df[df["mode"].astype(str) == "none"].iterrows():
