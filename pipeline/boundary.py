@@ -33,6 +33,19 @@ def output_sides(stages: dict) -> dict[str, str | None]:
     return {path: (props.get("meta") or {}).get("side") for _, path, props in outputs(stages)}
 
 
+def state_sides(stages: dict) -> dict[str, str | None]:
+    """The resumable-state folders (``--state NAME=PATH`` in a stage's cmd; not DVC outputs) and the side
+    each stage declares for them in ``meta.state: {PATH: side}``; None where undeclared."""
+    out = {}
+    for st in stages.values():
+        words, declared = st["cmd"].split(), (st.get("meta") or {}).get("state") or {}
+        for i, w in enumerate(words[:-1]):
+            if w == "--state":
+                path = words[i + 1].split("=", 1)[1]
+                out[path] = declared.get(path)
+    return out
+
+
 def allowed_sides(role: str | None, dep_sides: set[str]) -> set[str]:
     """The sides an output may declare, given its stage's role and the sides of its inputs."""
     if role == "private-source":
@@ -74,6 +87,14 @@ def check_boundary(stages: dict, *, metrics: list | None = None, plots: list | N
                               f"only aggregates ({', '.join(AGGREGATE_SUFFIXES)}, dvclive/) may be")
             if side == "private" and props.get("cache", True) and props.get("push", True):
                 errors.append(f"{path} ({name}) is private and cached: it needs push: false (never to the shared remote)")
+        for path, side in state_sides({name: st}).items():
+            ok = allowed_sides(role, dep_sides)
+            if side not in ok:
+                errors.append(f"state folder {path} ({name}) declares side {side!r} in meta.state; given its inputs it "
+                              f"must be one of {sorted(ok)}")
+            if path in sides:
+                errors.append(f"state folder {path} ({name}) is also a DVC output: resumable state must not be "
+                              "(a persist output blocks run-cache restores)")
     private = [p for p, s in sides.items() if s == "private"]
     for kind, entries in (("metrics", metrics or []), ("plots", plots or [])):
         for e in entries:

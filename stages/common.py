@@ -30,11 +30,17 @@ import yaml
 from dpldm.config import ConfigError, RuntimeConfig, UserError, load_section
 
 
-def parse_args(argv: list[str] | None, *, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, *, inputs: tuple[str, ...], outputs: tuple[str, ...],
+               state: tuple[str, ...] = ()) -> argparse.Namespace:
+    """``--in`` inputs and ``--out`` outputs are DVC deps and outs. ``--state`` folders hold a stage's
+    resumable state (checkpoints, attempt records): not DVC outputs, so DVC neither deletes nor caches
+    them, and a stage's outputs stay restorable from the run-cache or a remote (DVC restores no stage
+    with a ``persist`` output). ``run`` gets them in its outputs dict."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--in", dest="inputs", action="append", default=[], metavar="NAME=PATH")
     ap.add_argument("--out", dest="outputs", action="append", default=[], metavar="NAME=PATH")
+    ap.add_argument("--state", dest="state", action="append", default=[], metavar="NAME=PATH")
     ns = ap.parse_args(argv)
 
     def pairs(items, allowed, what):
@@ -46,6 +52,7 @@ def parse_args(argv: list[str] | None, *, inputs: tuple[str, ...], outputs: tupl
 
     ns.inputs = pairs(ns.inputs, inputs, "--in")
     ns.outputs = pairs(ns.outputs, outputs, "--out")
+    ns.state = pairs(ns.state, state, "--state")
     return ns
 
 
@@ -57,12 +64,13 @@ def read_params(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
 
 
-def stage_main(run: Callable[..., dict], *, inputs: tuple[str, ...], outputs: tuple[str, ...], argv=None) -> None:
+def stage_main(run: Callable[..., dict], *, inputs: tuple[str, ...], outputs: tuple[str, ...], state: tuple[str, ...] = (),
+               argv=None) -> None:
     """Parse the CLI, run the stage, print its metrics. An expected user error (a bad param, a missing or
     unreadable input) exits 2 with one line that names the key or file and the fix: no traceback."""
-    ns = parse_args(argv, inputs=inputs, outputs=outputs)
+    ns = parse_args(argv, inputs=inputs, outputs=outputs, state=state)
     try:
-        metrics = run(read_params(ns.params), ns.inputs, ns.outputs)
+        metrics = run(read_params(ns.params), ns.inputs, {**ns.outputs, **ns.state})
     except UserError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -28,7 +28,8 @@ from stages.common import (Checkpoint, ConfigError, file_sha, live, npz_rows, pr
                            stage_main, write_json)
 
 INPUTS = ("ldm", "latents")
-OUTPUTS = ("model", "ledger", "checkpoint", "live")
+OUTPUTS = ("model", "ledger", "live")
+STATE = ("checkpoint",)  # resumable state: not a DVC output (stages.common.parse_args)
 
 
 def run(params: dict, inputs: dict, outputs: dict) -> dict:
@@ -115,7 +116,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    stage_main(run, inputs=INPUTS, outputs=OUTPUTS, argv=argv)
+    stage_main(run, inputs=INPUTS, outputs=OUTPUTS, state=STATE, argv=argv)
 
 
 if __name__ == "__main__":

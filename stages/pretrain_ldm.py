@@ -17,7 +17,8 @@ from dpldm.training import LDMPretraining, heldout_loss
 from stages.common import Checkpoint, file_sha, live, progress, save_model, setup_runtime, stage_main
 
 INPUTS = ("latents",)
-OUTPUTS = ("model", "checkpoint", "live")
+OUTPUTS = ("model", "live")
+STATE = ("checkpoint",)  # resumable state: not a DVC output (stages.common.parse_args)
 
 
 def _from_pretrained(model: ConditionalUNet, path: Path) -> None:
@@ -77,7 +78,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    stage_main(run, inputs=INPUTS, outputs=OUTPUTS, argv=argv)
+    stage_main(run, inputs=INPUTS, outputs=OUTPUTS, state=STATE, argv=argv)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def test_stage_cli_names_match_the_modules():
         words = st["cmd"].split()
         ins = {words[i + 1].split("=")[0] for i, w in enumerate(words) if w == "--in"}
         outs = {words[i + 1].split("=")[0] for i, w in enumerate(words) if w == "--out"}
-        assert ins == set(mod.INPUTS) and outs == set(mod.OUTPUTS), name
+        state = {words[i + 1].split("=")[0] for i, w in enumerate(words) if w == "--state"}
+        assert ins == set(mod.INPUTS) and outs == set(mod.OUTPUTS) and state == set(getattr(mod, "STATE", ())), name
 
 
 def test_params_are_only_the_sections_each_stage_reads():

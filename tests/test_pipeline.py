@@ -58,6 +58,38 @@ def test_second_run_executes_nothing(tiny_pipeline, harness):
     assert not any(flow_run(tiny_pipeline).values())
 
 
+PUBLIC_UPSTREAM = {"prepare_public", "pretrain_ae", "encode_public", "pretrain_ldm"}
+
+
+def test_a_clone_pulls_the_public_upstream_and_never_the_private(tiny_pipeline, tmp_path):
+    """Another machine (a clone with the same dvc.lock and a shared DVC remote) restores every public
+    stage from the remote, retrains none of them, and gets no private output: those it recomputes."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    remote = tmp_path / "remote"
+    run([dvc, "remote", "add", "--local", "-f", "-d", "loopback", str(remote)], tiny_pipeline)
+    run([dvc, "push"], tiny_pipeline)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(tiny_pipeline), str(clone)], tmp_path)
+    shutil.copy(tiny_pipeline / "dvc.lock", clone / "dvc.lock")  # what a committed baseline carries
+    run([dvc, "remote", "add", "--local", "-f", "-d", "loopback", str(remote)], clone)
+    run([dvc, "pull", *PUBLIC_UPSTREAM], clone)
+    stale = dvc_stale(clone)
+    assert not stale & PUBLIC_UPSTREAM, stale  # restored, so not to be retrained
+    assert {"prepare_private", "encode_private", "dp_finetune"} <= stale, stale
+    lock = yaml.safe_load((tiny_pipeline / "dvc.lock").read_text())["stages"]
+    pushed = {(p.parent.name + p.name).removesuffix(".dir") for p in remote.rglob("*") if p.is_file()}
+    private = {o["md5"].removesuffix(".dir") for st in ("prepare_private", "encode_private") for o in lock[st]["outs"] if "md5" in o}
+    public = {o["md5"].removesuffix(".dir") for o in lock["pretrain_ldm"]["outs"] if "md5" in o}
+    assert private and not private & pushed, "a private output reached the shared remote"
+    assert public <= pushed
+    out = run([dvc, "repro", "pretrain_ldm"], clone).stdout
+    assert "Running stage" not in out, out
+
+
 def test_ledger_is_the_accountants_and_within_budget(tiny_pipeline):
     from dpldm.privacy import epsilon_of
 

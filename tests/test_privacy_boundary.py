@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from helpers import ROOT
-from pipeline.boundary import SIDES, check_boundary, output_sides, outputs, private_only_stages
+from pipeline.boundary import SIDES, check_boundary, output_sides, outputs, private_only_stages, state_sides
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,9 @@ def test_every_output_declares_a_side_and_the_boundary_holds(dvc_yaml):
 def test_the_sides_the_privacy_review_asked_for(dvc_yaml):
     sides = output_sides(dvc_yaml["stages"])
     for path in ("data/private/images.parquet", "reports/prepare_private/grid.png", "data/latents/private.npz",
-                 "models/reference_extractor", "data/fid_cache", "models/checkpoints/dp_finetune", "dvclive/dp_finetune"):
+                 "models/reference_extractor", "data/fid_cache", "dvclive/dp_finetune"):
         assert sides[path] == "private", path
+    assert state_sides(dvc_yaml["stages"]) == {"models/checkpoints/dp_finetune": "private", "models/checkpoints/pretrain_ldm": "public"}
     for path in ("models/ldm_private", "data/samples/samples.parquet", "reports/dp_finetune/ledger.json"):
         assert sides[path] == "dp-release", path
     assert sides["dvclive/score_classifier"] == sides["dvclive/score_fid"] == "evaluation"
@@ -48,6 +49,15 @@ def test_the_check_catches_a_mislabel(dvc_yaml, path, side):
     assert any(path in e for e in errors), errors
 
 
+def test_state_folders_are_declared_and_never_outputs(dvc_yaml):
+    stages = copy.deepcopy(dvc_yaml["stages"])
+    stages["dp_finetune"]["meta"]["state"]["models/checkpoints/dp_finetune"] = "public"  # checkpoint of private training
+    stages["pretrain_ldm"]["outs"].append({"models/checkpoints/pretrain_ldm": {"persist": True, "meta": {"side": "public"}}})
+    errors = check_boundary(stages)
+    assert any("models/checkpoints/dp_finetune" in e and "'public'" in e for e in errors), errors
+    assert any("models/checkpoints/pretrain_ldm" in e and "also a DVC output" in e for e in errors), errors
+
+
 def test_a_stage_bypassing_dp_finetune_is_caught(dvc_yaml):
     stages = copy.deepcopy(dvc_yaml["stages"])
     stages["sample"]["deps"].append("data/latents/private.npz")  # samples straight from private latents
@@ -64,6 +74,8 @@ def test_private_outputs_never_leave_the_private_side(dvc_yaml):
             probe = path.rstrip("/") + "/x" if not path.endswith((".json", ".npz", ".png", ".parquet")) else path
             rc = subprocess.run(["git", "check-ignore", "-q", probe], cwd=ROOT).returncode
             assert rc == 0, f"{path}: private and not cached, so it must be git-ignored"
+    for path in state_sides(dvc_yaml["stages"]):  # never a DVC output, so never pushed; and never in git
+        assert subprocess.run(["git", "check-ignore", "-q", path + "/x"], cwd=ROOT).returncode == 0, path
     docs = {p.name for p in (ROOT / "docs").iterdir()}
     assert not any("private" in d or "prepare_private" in d for d in docs), docs
 

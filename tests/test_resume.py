@@ -163,3 +163,28 @@ def test_attempts_recorded_before_secret_noise_void_the_total():
     assert total_epsilon(current, "d") == pytest.approx(19.99)
     assert total_epsilon(current + [{"data_sha": "d", "dp": False, "uses_private_data": False}], "d") == pytest.approx(19.99)
     assert total_epsilon(current, "other") == 0.0
+
+
+def test_lora_stage_resumes_and_releases_merged_weights_and_adapters(upstream, finetune_io, tmp_path, monkeypatch):
+    """finetune.mode: lora through the stage: an interrupted run resumes to the same adapters; model.pt
+    holds them merged (only the targeted projections of the selected modules and the embedder differ from
+    the base), adapter.pt holds the adapters alone, and config.json names the base model's hash."""
+    from stages.common import file_sha
+
+    params = params_of(upstream)
+    lora = {**params["finetune"]["lora"], "rank": 2, "alpha": 2.0, "targets": ["to_q", "to_v"]}
+    la, ma = _finetune(params, finetune_io, _outs(tmp_path, "a"), mode="lora", lora=lora, reproducible_noise=True)
+    lb, mb = _interrupted_then_resumed(params, finetune_io, _outs(tmp_path, "b"), monkeypatch, mode="lora", lora=lora,
+                                       reproducible_noise=True)
+    assert lb["resumed_at_epoch"] == [1] and lb["steps"] == la["steps"] and la["lora"]["rank"] == 2
+    for k in ma:
+        torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-6)
+    base = torch.load(finetune_io["ldm"] + "/model.pt", weights_only=True)
+    assert set(ma) == set(base)  # merged: no peft keys left in the released weights
+    changed = {k for k in base if not torch.equal(base[k], ma[k])}
+    assert changed and all(k.endswith(("to_q.weight", "to_v.weight")) or k.startswith("class_embedder") for k in changed), changed
+    assert any(k.endswith("to_q.weight") for k in changed) and any(k.endswith("to_v.weight") for k in changed)
+    conf = json.loads((tmp_path / "a/m/config.json").read_text())
+    assert conf["lora"]["base_model_sha"] == file_sha(finetune_io["ldm"] + "/model.pt")
+    adapter = torch.load(tmp_path / "a/m/adapter.pt", weights_only=True)
+    assert adapter and all("lora" in k for k in adapter) and len(la["adapter_params"]) == len(adapter)
