@@ -29,6 +29,12 @@ def outputs(stages: dict) -> list[tuple[str, str, dict]]:
             for name, st in stages.items() for o in st.get("outs", [])]
 
 
+def stage_paths(stages: dict, stage: str) -> dict[str, str]:
+    """A stage's ``--in``/``--out``/``--state`` NAME=PATH pairs, from its cmd: the one place paths are written."""
+    words = stages[stage]["cmd"].split()
+    return dict(words[i + 1].split("=", 1) for i, w in enumerate(words[:-1]) if w in ("--in", "--out", "--state"))
+
+
 def output_sides(stages: dict) -> dict[str, str | None]:
     return {path: (props.get("meta") or {}).get("side") for _, path, props in outputs(stages)}
 

@@ -156,9 +156,11 @@ def artifact_key(text: str) -> str:
 
 def read_metrics(repo: str) -> dict:
     """The privacy ledger and the scores of the last run, from the stage outputs."""
+    from pipeline.boundary import read_stages, stage_paths
+
     root = Path(repo)
     out = {}
-    ledger = root / "reports/dp_finetune/ledger.json"
+    ledger = root / stage_paths(read_stages(root), "dp_finetune")["ledger"]
     if ledger.exists():
         out["ledger"] = Ledger.from_dict(json.loads(ledger.read_text()))
     for stage in ("score_fid", "score_classifier", "reference", "audit"):
@@ -215,7 +217,9 @@ def publish_artifacts(repo: str, results: list[dict]) -> dict:
         keys["ledger"] = "dpldm-privacy-ledger"
     scores = {**m.get("score_fid", {}), **m.get("score_classifier", {})}
     if scores:
-        grid = Path(repo) / "reports/sample/grid.png"
+        from pipeline.boundary import read_stages, stage_paths
+
+        grid = Path(repo) / stage_paths(read_stages(repo), "sample")["grid"]
         md = scores_markdown(scores, m.get("reference", {}), led, grid.read_bytes() if grid.exists() else None)
         create_markdown_artifact(key="dpldm-scores", markdown=md, description="FID/KID and downstream accuracy")
         keys["scores"] = "dpldm-scores"

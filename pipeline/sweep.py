@@ -28,10 +28,9 @@ from dpldm.ledger import Ledger
 
 UPSTREAM = ("pretrain_ldm", "encode_private", "reference")
 TARGETS = ("score_fid", "score_classifier")  # what an experiment reproduces; the audit only with --with-audit
-LEDGER = "reports/dp_finetune/ledger.json:"
-COLUMNS = {  # table column -> dvc exp show column (metrics file:key, or params key)
+COLUMNS = {  # table column -> dvc exp show column (metrics file:key, or params key); "ledger:" = the ledger's file
     "epsilon_target": "finetune.epsilon", "layers": "finetune.layers", "mode": "finetune.mode",
-    "lora_rank": "finetune.lora.rank", **{key: LEDGER + key for key in Ledger.SWEEP},
+    "lora_rank": "finetune.lora.rank", **{key: "ledger:" + key for key in Ledger.SWEEP},
     "fid_domain": "fid_domain", "kid_domain_mean": "kid_domain_mean", "cnn_accuracy": "cnn_accuracy",
     "cnn_accuracy_std": "cnn_accuracy_std",
     "mlp_accuracy": "mlp_accuracy", "logreg_accuracy": "logreg_accuracy",
@@ -130,6 +129,9 @@ def comparison(names: list[str] | None = None, *, repo: str = ".", num_commits: 
     branched from the last ``num_commits`` commits count."""
     import dvc.api
 
+    from pipeline.boundary import read_stages, stage_paths
+
+    ledger = stage_paths(read_stages(repo), "dp_finetune")["ledger"]
     rows, baseline_seen = [], False
     for rec in dvc.api.exp_show(repo=repo, num=num_commits):
         exp = rec.get("Experiment") or rec.get("rev")
@@ -142,6 +144,7 @@ def comparison(names: list[str] | None = None, *, repo: str = ".", num_commits: 
             continue
         row = {"experiment": exp}
         for col, key in COLUMNS.items():
+            key = key.replace("ledger:", ledger + ":") if key.startswith("ledger:") else key
             # exp_show names a metric "file:key" only where the key repeats across metrics files
             row[col] = rec.get(key, rec.get(key.split(":")[-1]))
         for col in ("private", "dp_release"):  # exp_show may give booleans as strings

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from helpers import ROOT
-from pipeline.boundary import SIDES, check_boundary, output_sides, outputs, private_only_stages, state_sides
+from pipeline.boundary import SIDES, check_boundary, output_sides, outputs, private_only_stages, stage_paths, state_sides
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,12 @@ def test_the_check_catches_a_mislabel(dvc_yaml, path, side):
             props.pop("push", None)
     errors = check_boundary(stages)
     assert any(path in e for e in errors), errors
+
+
+def test_stage_paths_come_from_the_cmd(dvc_yaml):
+    paths = stage_paths(dvc_yaml["stages"], "dp_finetune")
+    assert paths["ledger"] == "reports/dp_finetune/ledger.json" and paths["checkpoint"] == "models/checkpoints/dp_finetune"
+    assert paths["ldm"] == "models/ldm_public" and set(paths) == {"ldm", "latents", "model", "ledger", "checkpoint", "live"}
 
 
 def test_state_folders_are_declared_and_never_outputs(dvc_yaml):
