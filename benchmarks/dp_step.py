@@ -10,7 +10,6 @@ batch; the first is not timed. Each configuration runs in a fresh process so tha
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import resource
@@ -25,29 +24,15 @@ CONFIGS = [(label, {"finetune.mode": mode, "finetune.private": private, "finetun
             ("DP LoRA (finetune.lora)", "lora", True), ("DP full", "full", True))]
 
 
-def apply_overrides(params: dict, overrides: dict) -> dict:
-    """``{"finetune.lora.rank": 16}`` written into a copy of the params tree."""
-    params = copy.deepcopy(params)
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = params
-        for key in parents:
-            node = node[key]
-        if leaf not in node:
-            raise KeyError(f"{dotted}: no such key in params.yaml")
-        node[leaf] = value
-    return params
-
-
 def one(overrides: dict, steps: int) -> dict:
     import torch
     import yaml
 
-    from dpldm.config import load_all
+    from dpldm.config import load_all, with_overrides
     from dpldm.finetune import Finetuning, plan_finetune
     from dpldm.models import build_ldm
 
-    cfgs = load_all(apply_overrides(yaml.safe_load(Path("params.yaml").read_text()), overrides))
+    cfgs = load_all(with_overrides(yaml.safe_load(Path("params.yaml").read_text()), overrides))
     torch.set_num_threads(cfgs["runtime"].threads or torch.get_num_threads())
     ldm, ft = cfgs["ldm"], cfgs["finetune"]
     n = ft.batch_size * (steps + 1)

@@ -382,6 +382,25 @@ SECTIONS: dict[str, type] = {
 }
 
 
+def with_overrides(params: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict:
+    """A copy of the params tree with ``{"finetune.lora.rank": 16}``-style overrides written in (as
+    ``dvc exp run -S`` does); an override of a key params.yaml does not have is an error."""
+    import copy
+
+    out = copy.deepcopy(dict(params))
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for key in parents:
+            if not isinstance(node, dict) or key not in node:
+                raise ConfigError(f"override {dotted!r}: no such key in params.yaml")
+            node = node[key]
+        if not isinstance(node, dict) or leaf not in node:
+            raise ConfigError(f"override {dotted!r}: no such key in params.yaml")
+        node[leaf] = value
+    return out
+
+
 def load_section(params: Mapping[str, Any], name: str) -> Any:
     """The typed config of section ``name`` from a params mapping (the whole params.yaml)."""
     if name not in SECTIONS:

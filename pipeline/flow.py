@@ -24,8 +24,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
+from dpldm.config import with_overrides
 from dpldm.ledger import Ledger
-from pipeline.boundary import check_boundary, private_only_stages, read_stages
+from pipeline.boundary import check_boundary, private_only_stages, read_stages, stage_paths
 
 # DVC's own lines about a stage: the only lines of a private-only stage's output that reach Prefect's logs
 DVC_CONTROL = ("Running stage", "Stage '", "Updating lock file", "Use `dvc push`", "To track the changes", "ERROR:", "error:")
@@ -135,15 +136,7 @@ def apply_overrides(repo: str, overrides: dict | None) -> None:
     if not overrides:
         return
     path = Path(repo) / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in overrides.items():
-        node = params
-        *head, last = dotted.split(".")
-        for key in head:
-            node = node[key]
-        if last not in node:
-            raise KeyError(f"override {dotted!r}: no such key in params.yaml")
-        node[last] = value
+    params = with_overrides(yaml.safe_load(path.read_text()), overrides)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -156,8 +149,6 @@ def artifact_key(text: str) -> str:
 
 def read_metrics(repo: str) -> dict:
     """The privacy ledger and the scores of the last run, from the stage outputs."""
-    from pipeline.boundary import read_stages, stage_paths
-
     root = Path(repo)
     out = {}
     ledger = root / stage_paths(read_stages(root), "dp_finetune")["ledger"]
@@ -217,8 +208,6 @@ def publish_artifacts(repo: str, results: list[dict]) -> dict:
         keys["ledger"] = "dpldm-privacy-ledger"
     scores = {**m.get("score_fid", {}), **m.get("score_classifier", {})}
     if scores:
-        from pipeline.boundary import read_stages, stage_paths
-
         grid = Path(repo) / stage_paths(read_stages(repo), "sample")["grid"]
         md = scores_markdown(scores, m.get("reference", {}), led, grid.read_bytes() if grid.exists() else None)
         create_markdown_artifact(key="dpldm-scores", markdown=md, description="FID/KID and downstream accuracy")

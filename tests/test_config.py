@@ -85,3 +85,14 @@ def test_missing_key_names_it():
     del p["data"]["private"]["root"]
     with pytest.raises(ConfigError, match=r"data\.private\.root is missing"):
         load_section(p, "data")
+
+
+def test_overrides_write_into_a_copy_and_unknown_keys_are_named():
+    from dpldm.config import with_overrides
+
+    params = {"finetune": {"epsilon": 10, "lora": {"rank": 4}}}
+    out = with_overrides(params, {"finetune.epsilon": 1, "finetune.lora.rank": 16})
+    assert out == {"finetune": {"epsilon": 1, "lora": {"rank": 16}}} and params["finetune"]["lora"]["rank"] == 4
+    for bad in ("finetune.epsilom", "finetune.lora.rank.x", "fine.epsilon"):
+        with pytest.raises(ConfigError, match=bad.replace(".", r"\.")):
+            with_overrides(params, {bad: 1})
