@@ -29,10 +29,14 @@ def outputs(stages: dict) -> list[tuple[str, str, dict]]:
             for name, st in stages.items() for o in st.get("outs", [])]
 
 
+def _cmd_pairs(stage: dict, flags: tuple[str, ...]) -> dict[str, str]:
+    words = stage["cmd"].split()
+    return dict(words[i + 1].split("=", 1) for i, w in enumerate(words[:-1]) if w in flags)
+
+
 def stage_paths(stages: dict, stage: str) -> dict[str, str]:
     """A stage's ``--in``/``--out``/``--state`` NAME=PATH pairs, from its cmd: the one place paths are written."""
-    words = stages[stage]["cmd"].split()
-    return dict(words[i + 1].split("=", 1) for i, w in enumerate(words[:-1]) if w in ("--in", "--out", "--state"))
+    return _cmd_pairs(stages[stage], ("--in", "--out", "--state"))
 
 
 def output_sides(stages: dict) -> dict[str, str | None]:
@@ -42,14 +46,8 @@ def output_sides(stages: dict) -> dict[str, str | None]:
 def state_sides(stages: dict) -> dict[str, str | None]:
     """The resumable-state folders (``--state NAME=PATH`` in a stage's cmd; not DVC outputs) and the side
     each stage declares for them in ``meta.state: {PATH: side}``; None where undeclared."""
-    out = {}
-    for st in stages.values():
-        words, declared = st["cmd"].split(), (st.get("meta") or {}).get("state") or {}
-        for i, w in enumerate(words[:-1]):
-            if w == "--state":
-                path = words[i + 1].split("=", 1)[1]
-                out[path] = declared.get(path)
-    return out
+    return {path: ((st.get("meta") or {}).get("state") or {}).get(path)
+            for st in stages.values() for path in _cmd_pairs(st, ("--state",)).values()}
 
 
 def allowed_sides(role: str | None, dep_sides: set[str]) -> set[str]:
