@@ -88,6 +88,14 @@ def setting_label(row: pd.Series) -> str:
     return label
 
 
+def exp_run_args(name: str, setting: dict) -> list[str]:
+    """``exp run -n NAME -S key=value ...`` (values as YAML flow scalars and lists)."""
+    args = ["exp", "run", "-n", name]
+    for key, value in setting.items():
+        args += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
+    return args
+
+
 def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".", rerun: bool = False, audit: bool = False) -> None:
     """Runs each setting as a named experiment (the stages up to the scores; the privacy audit too with
     ``audit``); one that already exists is kept (an interrupted sweep resumes) unless ``rerun``."""
@@ -105,10 +113,7 @@ def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".", rerun: bool 
             # `dvc exp run` leaves the previous experiment's params in the workspace: start each one from
             # the sweep's own baseline, or a setting would silently inherit the one before it
             params_file.write_text(original)
-            args = ["exp", "run", "-n", name]
-            for key, value in s.items():
-                args += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
-            dvc(*args, *TARGETS, *(("audit",) if audit else ()), repo=repo)
+            dvc(*exp_run_args(name, s), *TARGETS, *(("audit",) if audit else ()), repo=repo)
     finally:
         params_file.write_text(original)  # the workspace's own params stay as they were
 
@@ -163,22 +168,24 @@ def plot(df: pd.DataFrame, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dp = df[(df["private"].astype(str).str.lower() != "false") & (df["mode"].astype(str) != "none")].copy()
-    dp["eps"] = pd.to_numeric(dp["epsilon_target"])
+    df = df.copy()
+    for col in ("epsilon_target", "cnn_accuracy", "cnn_accuracy_std", "fid_domain"):
+        df[col] = pd.to_numeric(df.get(col), errors="coerce")  # dvc exp show writes "!" for what has no value
+    df = df[df["cnn_accuracy"].notna()]  # e.g. a baseline that was never run through to the scores
+    private = df["private"].astype(str).str.lower()
+    dp = df[(private == "true") & (df["mode"].astype(str) != "none")].copy()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     dp["setting"] = dp.apply(setting_label, axis=1) if not dp.empty else []
     for label, part in dp.groupby("setting", sort=False):
-        part = part.sort_values("eps")
-        acc, std = 100 * pd.to_numeric(part["cnn_accuracy"]), 100 * pd.to_numeric(part.get("cnn_accuracy_std"), errors="coerce")
-        axes[0].errorbar(part["eps"], acc, yerr=std.fillna(0), fmt="o-", capsize=3, label=label)
-        axes[1].plot(part["eps"], pd.to_numeric(part["fid_domain"]), "o-", label=label)
-    nonprivate = (df["private"].astype(str).str.lower() == "false") & (df["mode"].astype(str) != "none")
-    for _, r in df[nonprivate].iterrows():
-        axes[0].axhline(100 * float(r["cnn_accuracy"]), ls="--", c="gray", label="non-private")
-        axes[1].axhline(float(r["fid_domain"]), ls="--", c="gray", label="non-private")
-    for _, r in df[df["mode"].astype(str) == "none"].iterrows():
-        axes[0].axhline(100 * float(r["cnn_accuracy"]), ls=":", c="red", label="public only")
-        axes[1].axhline(float(r["fid_domain"]), ls=":", c="red", label="public only")
+        part = part.sort_values("epsilon_target")
+        axes[0].errorbar(part["epsilon_target"], 100 * part["cnn_accuracy"], yerr=100 * part["cnn_accuracy_std"].fillna(0),
+                         fmt="o-", capsize=3, label=label)
+        axes[1].plot(part["epsilon_target"], part["fid_domain"], "o-", label=label)
+    for rows, style, color, label in (((private == "false") & (df["mode"].astype(str) != "none"), "--", "gray", "non-private"),
+                                      (df["mode"].astype(str) == "none", ":", "red", "public only")):
+        for _, r in df[rows].iterrows():
+            axes[0].axhline(100 * r["cnn_accuracy"], ls=style, c=color, label=label)
+            axes[1].axhline(r["fid_domain"], ls=style, c=color, label=label)
     axes[0].set(xscale="log", xlabel="epsilon (target)", ylabel="CNN accuracy on real test (%)", title="utility")
     axes[1].set(xscale="log", xlabel="epsilon (target)", ylabel="FID (domain extractor)", title="fidelity")
     axes[0].legend(fontsize=7)
@@ -224,6 +231,9 @@ def main(argv=None) -> None:
                     help="overrides for every experiment of the sweep, like finetune.epochs=5")
     ap.add_argument("--out", default="reports/sweep")
     ap.add_argument("--prefect", action="store_true", help="run as a Prefect flow (table artifact)")
+    ap.add_argument("--pool", metavar="DEPLOYMENT", help="one flow run per setting on a work pool's workers, through "
+                    "this deployment of pipeline/pool.py (e.g. dpldm-setting/dpldm-gpu); see python -m pipeline.pool -h")
+    ap.add_argument("--remote", default="origin", help="with --pool: the git remote the workers clone and push to")
     ap.add_argument("--compare-only", action="store_true", help="skip running; rebuild the comparison")
     ap.add_argument("--num-commits", type=int, default=1, help="also list experiments branched from older commits")
     ap.add_argument("--rerun", action="store_true", help="replace experiments of the same name instead of keeping them")
@@ -234,7 +244,14 @@ def main(argv=None) -> None:
     if args.prefect:
         print(sweep_flow(args.epsilons, args.layers, args.extra, out_dir=args.out, common=common))
         return
-    if not args.compare_only:
+    if args.pool and not args.compare_only:
+        from pipeline.pool import pool_sweep
+
+        runs = pool_sweep(settings, args.pool, remote=args.remote)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(runs).to_csv(Path(args.out) / "pool_runs.csv", index=False)
+        print(pd.DataFrame(runs).to_markdown(index=False))
+    elif not args.compare_only:
         run_sweep(settings, rerun=args.rerun, audit=args.with_audit)
     df = comparison([n for n, _ in settings], num_commits=args.num_commits)
     print(df.to_markdown(index=False, floatfmt=".4g"))

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -89,3 +92,21 @@ def dataset(**overrides):
     from dpldm.config import load_section
 
     return dataclasses.replace(load_section(params(), "data").private, **{"n_train": 0, "n_test": 0, **overrides})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    """True once the Prefect server at ``base`` answers /health, False if it exits or times out first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if urllib.request.urlopen(f"{base}/health", timeout=2).read() == b"true":
+                return True
+        except OSError:
+            time.sleep(1)
+    return False

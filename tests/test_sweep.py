@@ -27,3 +27,15 @@ def test_plot_labels_tell_modes_layers_and_ranks_apart():
             {"mode": "full", "layers": "[1, 7]", "lora_rank": 4}]
     labels = [setting_label(pd.Series(r)) for r in rows]
     assert len(set(labels)) == 5 and labels[4] == "full"
+
+
+def test_plot_skips_rows_without_scores(tmp_path):
+    """dvc exp show writes "!" where a run has no value (a baseline never run to the scores)."""
+    from pipeline.sweep import plot
+
+    row = {"layers": "[1, 7]", "mode": "attention", "lora_rank": 4, "cnn_accuracy_std": 0.01}
+    df = pd.DataFrame([{**row, "experiment": "baseline@x", "epsilon_target": 10, "private": "!", "cnn_accuracy": "!", "fid_domain": "!"},
+                       {**row, "experiment": "eps1", "epsilon_target": 1, "private": True, "cnn_accuracy": 0.6, "fid_domain": 200.0},
+                       {**row, "experiment": "eps10", "epsilon_target": 10, "private": "true", "cnn_accuracy": 0.7, "fid_domain": 190.0}])
+    plot(df, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
