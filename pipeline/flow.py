@@ -165,6 +165,26 @@ def _pct(mean, std=None) -> str:
     return "-" if mean is None else f"{100 * mean:.1f}%" + ("" if std is None else f" (std {100 * std:.1f})")
 
 
+ARTIFACT_PNG_BYTES = 24_000  # prefect 3.8.8's UI showed a blank artifact page for the full sample grid (95 KB PNG,
+                             # 128 KB of markdown) and rendered a 22 KB grid fine (checked in headless chromium)
+
+
+def fit_png(png: bytes, max_bytes: int = ARTIFACT_PNG_BYTES) -> bytes:
+    """``png`` as a grayscale PNG of at most ``max_bytes``: halved (nearest neighbour, so pixels stay
+    sharp and compress well) until it fits."""
+    import io
+
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(png)).convert("L")
+    while True:
+        buf = io.BytesIO()
+        im.save(buf, "PNG", optimize=True)
+        if buf.tell() <= max_bytes or min(im.size) < 64:
+            return buf.getvalue()
+        im = im.resize((im.size[0] // 2, im.size[1] // 2), Image.NEAREST)
+
+
 def scores_markdown(scores: dict, reference: dict, led: Ledger | None, grid_png: bytes | None) -> str:
     """The ``dpldm-scores`` artifact: the privacy stamp, rounded figures with their std beside the
     real-data reference, and the sample grid inline (a data URI: any machine's browser shows it).
@@ -209,7 +229,7 @@ def publish_artifacts(repo: str, results: list[dict]) -> dict:
     scores = {**m.get("score_fid", {}), **m.get("score_classifier", {})}
     if scores:
         grid = Path(repo) / stage_paths(read_stages(repo), "sample")["grid"]
-        md = scores_markdown(scores, m.get("reference", {}), led, grid.read_bytes() if grid.exists() else None)
+        md = scores_markdown(scores, m.get("reference", {}), led, fit_png(grid.read_bytes()) if grid.exists() else None)
         create_markdown_artifact(key="dpldm-scores", markdown=md, description="FID/KID and downstream accuracy")
         keys["scores"] = "dpldm-scores"
     audit = m.get("audit")

@@ -45,3 +45,24 @@ def test_flow_overrides_leave_no_trace_in_params_yaml(tmp_path):
     with pytest.raises(RuntimeError), overridden_params(str(tmp_path), {"finetune.epsilon": 1}):
         raise RuntimeError("a stage failed")
     assert (tmp_path / "params.yaml").read_text() == text
+
+
+def test_the_sample_grid_is_shrunk_to_what_the_ui_renders():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.flow import ARTIFACT_PNG_BYTES, fit_png
+
+    rng = np.random.default_rng(0)  # digit-like blocks, 2x upscaled as stages.sample writes them
+    cells = (rng.random((340, 408)) > 0.7).astype(np.uint8) * 255
+    big = Image.fromarray(np.kron(cells, np.ones((2, 2), dtype=np.uint8))).convert("RGB")
+    buf = io.BytesIO()
+    big.save(buf, "PNG")
+    limit = buf.tell() // 2
+    small = fit_png(buf.getvalue(), max_bytes=limit)
+    out = Image.open(io.BytesIO(small))
+    assert len(small) <= limit and out.mode == "L" and out.size == (408, 340)
+    assert np.array_equal(np.asarray(out), cells)  # halved exactly: no pixel invented or smeared
+    assert len(fit_png(buf.getvalue())) <= ARTIFACT_PNG_BYTES
