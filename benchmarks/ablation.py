@@ -111,7 +111,7 @@ def main() -> None:
             "Cost columns: benchmarks/dp_step.py on random latents of the same shapes.", ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out.to_csv(f"{args.out}.csv", index=False)
-    Path(f"{args.out}.md").write_text("\n".join(head) + out.to_markdown(index=False) + "\n")
+    Path(f"{args.out}.md").write_text("\n".join(head) + "\n" + out.to_markdown(index=False) + "\n")
     plot(df[df["experiment"].isin(out["experiment"])], args.plot)  # not the workspace's baseline row
     print("\n".join(head) + out.to_markdown(index=False))
 

@@ -83,8 +83,9 @@ def setting_label(row: pd.Series) -> str:
     """What a line of the privacy-utility plot stands for: the mode, its layer range, the LoRA rank."""
     mode = str(row.get("mode") or "attention")
     label = f"{mode} {row.get('layers')}" if mode in ("attention", "lora") else mode
-    if mode == "lora" and row.get("lora_rank") is not None:
-        label += f" r{row['lora_rank']}"
+    rank = pd.to_numeric(row.get("lora_rank"), errors="coerce")
+    if mode == "lora" and pd.notna(rank):
+        label += f" r{int(rank)}"  # exp show may give the rank as a float
     return label
 
 

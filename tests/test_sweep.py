@@ -27,6 +27,7 @@ def test_plot_labels_tell_modes_layers_and_ranks_apart():
             {"mode": "full", "layers": "[1, 7]", "lora_rank": 4}]
     labels = [setting_label(pd.Series(r)) for r in rows]
     assert len(set(labels)) == 5 and labels[4] == "full"
+    assert labels[3] == "lora [1, 7] r16" and setting_label(pd.Series({**rows[3], "lora_rank": 16.0})) == labels[3]
 
 
 def test_plot_skips_rows_without_scores(tmp_path):
