@@ -53,6 +53,7 @@ def setting_flow_fn(name: str, setting: dict, lock: str, remote: str = "origin",
     """One setting, on a worker, in the clone its deployment's pull step made (the working directory)."""
     from prefect.artifacts import create_table_artifact
 
+    from pipeline.flow import artifact_key
     from pipeline.sweep import TARGETS, exp_run_args
 
     lock_file = Path(repo) / "dvc.lock"
@@ -64,7 +65,7 @@ def setting_flow_fn(name: str, setting: dict, lock: str, remote: str = "origin",
     _dvc("exp", "push", remote, name, repo=repo)
     record = {"experiment": name, "host": socket.gethostname(), "workspace": str(Path(repo).resolve()),
               "stages_run": ", ".join(ran_stages(out))}
-    create_table_artifact(key=f"dpldm-setting-{re.sub(r'[^a-z0-9-]', '-', name.lower())}", table=[record],
+    create_table_artifact(key=artifact_key(f"dpldm-setting-{name}"), table=[record],
                           description=f"where setting {name} ran and which stages it ran")
     return record
 
@@ -104,6 +105,8 @@ def pool_sweep(settings: list[tuple[str, dict]], deployment: str, *, repo: str =
     from prefect.artifacts import Artifact
     from prefect.deployments import run_deployment
 
+    from pipeline.flow import artifact_key
+
     _check_pushed(repo, remote)
     _dvc("repro", *PUBLIC_UPSTREAM, repo=repo)  # the upstream, once, here
     _dvc("push", *PUBLIC_UPSTREAM, repo=repo)
@@ -130,7 +133,7 @@ def pool_sweep(settings: list[tuple[str, dict]], deployment: str, *, repo: str =
     _dvc("exp", "pull", "--no-cache", remote, *runs, repo=repo)
     records = []
     for name, fr in runs.items():
-        art = Artifact.get(f"dpldm-setting-{re.sub(r'[^a-z0-9-]', '-', name.lower())}")
+        art = Artifact.get(artifact_key(f"dpldm-setting-{name}"))
         data = art.data if art is not None else None
         row = (yaml.safe_load(data) if isinstance(data, str) else data or [{}])[0]
         records.append({"experiment": name, "flow_run": str(fr.id), "state": states[name].type.value, **row})

@@ -37,12 +37,25 @@ COLUMNS = {  # table column -> dvc exp show column (metrics file:key, or params 
 }
 
 
+def visible_output(text: str, *, in_flow_run: bool) -> str:
+    """What of a dvc command's output is printed. Inside a Prefect flow run, prints go to the server's log
+    (``log_prints``), off the private side: only DVC's own control and error lines, never a stage's output
+    (an experiment runs private stages too). Outside, the tail of everything (this machine's terminal)."""
+    from pipeline.flow import log_line
+
+    if in_flow_run:
+        return "\n".join(line for line in text.splitlines() if log_line(line, private_stage=True))
+    return text[-3000:]
+
+
 def dvc(*args: str, repo: str = ".") -> subprocess.CompletedProcess:
+    from prefect.context import FlowRunContext
+
     from pipeline.flow import dvc_bin, stage_env
 
     proc = subprocess.run([dvc_bin(), *args], cwd=repo, env=stage_env(), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    print(proc.stdout[-3000:])
+    print(visible_output(proc.stdout, in_flow_run=FlowRunContext.get() is not None))
     if proc.returncode:
         raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode})")
     return proc

@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from pipeline.sweep import parse_assignments, setting_label, settings_of
+from pipeline.sweep import parse_assignments, setting_label, settings_of, visible_output
 
 
 def test_assignments_keep_yaml_lists_whole():
@@ -40,3 +40,14 @@ def test_plot_skips_rows_without_scores(tmp_path):
                        {**row, "experiment": "eps10", "epsilon_target": 10, "private": "true", "cnn_accuracy": 0.7, "fid_domain": 190.0}])
     plot(df, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_inside_a_flow_run_only_dvcs_own_lines_are_printed():
+    """An experiment runs private stages; their output must not reach the Prefect server's log."""
+    out = ("Running stage 'encode_private':\n> python -m stages.encode_private ...\n"
+           '{"latent_mean": 0.123, "latent_std": 0.98}\n' "Updating lock file 'dvc.lock'\n"
+           "ERROR: failed to reproduce 'dp_finetune'\n")
+    shown = visible_output(out, in_flow_run=True)
+    assert "latent_mean" not in shown and "stages.encode_private" not in shown
+    assert "Running stage 'encode_private'" in shown and "ERROR: failed" in shown and "Updating lock file" in shown
+    assert "latent_mean" in visible_output(out, in_flow_run=False)  # this machine's own terminal
