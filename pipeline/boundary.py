@@ -108,8 +108,12 @@ def check_boundary(stages: dict, *, metrics: list | None = None, plots: list | N
     return errors
 
 
+def stages_on_side(stages: dict, side: str) -> list[str]:
+    """Stages all of whose outputs declare ``side``, in dvc.yaml's order."""
+    return [name for name, st in stages.items()
+            if st.get("outs") and all((props.get("meta") or {}).get("side") == side for _, _, props in outputs({name: st}))]
+
+
 def private_only_stages(stages: dict) -> set[str]:
     """Stages all of whose outputs are private: their output stays out of Prefect logs."""
-    return {name for name, st in stages.items()
-            if st.get("outs") and all(s == "private" for n, _, props in outputs({name: st})
-                                      for s in [(props.get("meta") or {}).get("side")])}
+    return set(stages_on_side(stages, "private"))

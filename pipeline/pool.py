@@ -25,7 +25,10 @@ from pathlib import Path
 
 import yaml
 
-PUBLIC_UPSTREAM = ("prepare_public", "pretrain_ae", "encode_public", "pretrain_ldm")
+from pipeline.boundary import read_stages, stages_on_side
+
+# the stages every output of which is public (dvc.yaml meta.side): what workers pull instead of recomputing
+PUBLIC_UPSTREAM = tuple(stages_on_side(read_stages(Path(__file__).resolve().parents[1]), "public"))
 FLOW_NAME = "dpldm-setting"
 
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from helpers import ROOT
-from pipeline.boundary import SIDES, check_boundary, output_sides, outputs, private_only_stages, stage_paths, state_sides
+from pipeline.boundary import SIDES, check_boundary, output_sides, outputs, private_only_stages, stage_paths, stages_on_side, state_sides
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,8 @@ def test_private_outputs_never_leave_the_private_side(dvc_yaml):
 
 def test_private_only_stages_are_the_private_source_and_encoding(dvc_yaml):
     assert private_only_stages(dvc_yaml["stages"]) == {"prepare_private", "encode_private"}
+    # what pool workers pull from the shared remote instead of recomputing (pipeline/pool.py)
+    assert stages_on_side(dvc_yaml["stages"], "public") == ["prepare_public", "pretrain_ae", "encode_public", "pretrain_ldm"]
 
 
 def test_reference_model_is_marked_and_generators_refuse_it(tmp_path):
