@@ -16,8 +16,10 @@ env:
 repro: env
 	dvc repro
 
+# Two processes, one test file each at a time (files share module fixtures; the loopback test mostly
+# waits on its server and workers, so it overlaps well with the rest).
 test: env
-	python -m pytest -q
+	python -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The tests not marked slow (no whole-pipeline runs, no servers): under 2 minutes.
 test-fast: env

@@ -4,7 +4,8 @@ sweep read; the attempt records that make a retry spend budget; the release stam
 
 Every attempt on the same private data (same latents hash) is a separate use of it: their epsilons add
 up (basic composition). An attempt that trained on it without DP, or with seeded noise, voids the
-guarantee: the total is then infinite.
+guarantee: the total is then infinite. An attempt lost elsewhere (a pool worker that died with its
+clone) is recorded with an unknown data hash and counts as a use of the same data at its target epsilon.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .config import FinetuneConfig
 
 SECRET_NOISE = ("secret: torch.Generator seeded from os.urandom (64 bits, not a CSPRNG stream), opacus secure_mode "
                 "noise (4 draws / 2); never stored")
+ATTEMPTS = "attempts.json"  # the attempt records' file in dp_finetune's state folder
 SEEDED_NOISE = "seeded from runtime.seeds.dp_finetune (finetune.reproducible_noise): NOT A DP RELEASE"
 
 
@@ -71,7 +73,7 @@ class Ledger:
                "noise_multiplier", "sample_rate", "steps", "epochs", "N", "K", "clip_norm", "accountant", "noise_source",
                "trainable_params", "trainable_share", "attempt")
     # what the sweep's comparison table takes from each experiment's ledger
-    SWEEP = ("private", "dp_release", "release", "epsilon_spent", "epsilon_spent_all_attempts", "noise_multiplier", "steps",
+    SWEEP = ("private", "dp_release", "release", "epsilon_spent", "epsilon_spent_all_attempts", "attempt", "noise_multiplier", "steps",
              "trainable_params")
 
     @classmethod
@@ -98,7 +100,7 @@ def total_epsilon(attempts: list[dict], data_sha: str) -> float:
     """Basic composition over every attempt on the same private data (``inf`` once one was not DP)."""
     total = 0.0
     for a in attempts:
-        if a["data_sha"] != data_sha or not a.get("uses_private_data", True):
+        if not _counts(a, data_sha):
             continue
         # records from before secret noise have no "dp": their noise was seeded from params, so no epsilon held
         if not a.get("dp", False):
@@ -109,7 +111,12 @@ def total_epsilon(attempts: list[dict], data_sha: str) -> float:
 
 def uses_of(attempts: list[dict], data_sha: str) -> int:
     """Attempts that trained on this private data."""
-    return len([a for a in attempts if a["data_sha"] == data_sha and a.get("uses_private_data", True)])
+    return len([a for a in attempts if _counts(a, data_sha)])
+
+
+def _counts(attempt: dict, data_sha: str) -> bool:
+    # data_sha None: an attempt lost with its machine; its data is unknown, so it counts as this data's
+    return attempt["data_sha"] in (data_sha, None) and attempt.get("uses_private_data", True)
 
 
 def new_attempt(ledger: Ledger, *, data_sha: str) -> dict:
@@ -117,6 +124,16 @@ def new_attempt(ledger: Ledger, *, data_sha: str) -> dict:
     return {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "data_sha": data_sha, "private": ledger.private,
             "dp": ledger.dp_release, "uses_private_data": ledger.mode != "none",
             "target_epsilon": ledger.target_epsilon, "status": "started"}
+
+
+def lost_attempt(cfg: FinetuneConfig, *, where: str) -> dict:
+    """The record of an attempt that ran elsewhere and was lost before it completed (its worker died, and
+    its clone, checkpoint and attempt records with it). It may have trained on the private data, so it
+    counts as a use of it at its target epsilon: the ledger then never reports less than the truth."""
+    uses = cfg.mode != "none"
+    private = uses and cfg.private
+    return {"started": None, "data_sha": None, "private": private, "dp": release_of(cfg)["dp_release"],
+            "uses_private_data": uses, "target_epsilon": cfg.epsilon if private else None, "status": "lost", "where": where}
 
 
 def complete(ledger: Ledger, attempts: list[dict], *, data_sha: str, epsilon_spent: float | None, steps: int) -> None:

@@ -248,6 +248,8 @@ def main(argv=None) -> None:
     ap.add_argument("--pool", metavar="DEPLOYMENT", help="one flow run per setting on a work pool's workers, through "
                     "this deployment of pipeline/pool.py (e.g. dpldm-setting/dpldm-gpu); see python -m pipeline.pool -h")
     ap.add_argument("--remote", default="origin", help="with --pool: the git remote the workers clone and push to")
+    ap.add_argument("--retries", type=int, default=1, help="with --pool: resubmit a setting whose run crashed (its "
+                    "worker died) up to this many times; its ledger counts every lost run")
     ap.add_argument("--compare-only", action="store_true", help="skip running; rebuild the comparison")
     ap.add_argument("--num-commits", type=int, default=1, help="also list experiments branched from older commits")
     ap.add_argument("--rerun", action="store_true", help="replace experiments of the same name instead of keeping them")
@@ -261,7 +263,7 @@ def main(argv=None) -> None:
     if args.pool and not args.compare_only:
         from pipeline.pool import pool_sweep
 
-        runs = pool_sweep(settings, args.pool, remote=args.remote)
+        runs = pool_sweep(settings, args.pool, remote=args.remote, retries=args.retries)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         pd.DataFrame(runs).to_csv(Path(args.out) / "pool_runs.csv", index=False)
         print(pd.DataFrame(runs).to_markdown(index=False))

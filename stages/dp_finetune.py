@@ -21,7 +21,7 @@ import torch
 
 from dpldm.config import load_section, to_dict
 from dpldm.finetune import Finetuning, new_ledger, plan_finetune
-from dpldm.ledger import complete, new_attempt, uses_of
+from dpldm.ledger import ATTEMPTS, complete, new_attempt, uses_of
 from dpldm.privacy import PrivacyConfigError
 from stages.artifacts import load_ldm
 from stages.common import (Checkpoint, ConfigError, file_sha, live, npz_rows, progress, read_json, save_model, setup_runtime,
@@ -55,7 +55,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
 
     # --- resume, or a new attempt (which spends budget) -----------------------------------------------
     ckdir = Path(outputs["checkpoint"])
-    attempts_path = ckdir / "attempts.json"
+    attempts_path = ckdir / ATTEMPTS
     attempts = read_json(attempts_path) if attempts_path.exists() else []
     data_sha = file_sha(inputs["latents"])
     ckpt = Checkpoint(ckdir / "state.pt", {"finetune": to_dict(cfg), "ldm_sha": file_sha(Path(inputs["ldm"]) / "model.pt"),
@@ -66,6 +66,9 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
         attempts[-1]["resumed_at_epoch"] = attempts[-1].get("resumed_at_epoch", []) + [ft.epoch]
         print(f"dp_finetune: resuming at epoch {ft.epoch} of {ft.epochs} ({ft.steps} steps spent so far)")
     else:
+        for a in attempts:
+            if a["status"] == "lost":
+                print(f"dp_finetune: counting a lost attempt ({a['where']}) at its target epsilon {a['target_epsilon']}")
         attempts.append(new_attempt(ledger, data_sha=data_sha))
         if cfg.mode != "none" and uses_of(attempts, data_sha) > 1:
             print("dp_finetune: a new attempt on private data that earlier attempts already used; the ledger's "

@@ -1,15 +1,21 @@
 """A sweep spread over Prefect workers, end to end on loopback with real parts: `prefect server start` on
 127.0.0.1 (with our pins: it starts, and answers the artifact query the flows read with, which
 fastapi >= 0.151 broke), a process work pool, two workers each started in its own clone, a bare git
-repository and a local folder as the git and DVC remotes, the tiny profile, two epsilons (pipeline/pool.py)."""
+repository and a local folder as the git and DVC remotes, the tiny profile, two epsilons (pipeline/pool.py).
+One worker is killed (its whole process group, as a machine dies) during the first dp_finetune: Prefect's
+heartbeat automation marks its run Crashed, the submitter resubmits it, the other worker takes it after
+its own setting (two settings back to back on one worker), and the ledger counts the lost attempt."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import yaml
 
@@ -22,7 +28,7 @@ BIN = Path(sys.executable).parent
 PUBLIC_UPSTREAM = {"prepare_public", "pretrain_ae", "encode_public", "pretrain_ldm"}
 
 
-def test_sweep_on_two_workers_shares_the_upstream_and_compares_both(tmp_path):
+def test_sweep_on_two_workers_shares_the_upstream_survives_a_dead_worker_and_compares_both(tmp_path):
     src = tiny_repo(tmp_path / "src")
     remote = tmp_path / "dvc-remote"
     run([str(BIN / "dvc"), "remote", "add", "-d", "-f", "shared", str(remote)], src)
@@ -39,9 +45,11 @@ def test_sweep_on_two_workers_shares_the_upstream_and_compares_both(tmp_path):
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="2", PATH=str(BIN) + os.pathsep + env["PATH"])
     procs = []
 
-    def start(cmd, cwd, log):
+    def start(cmd, cwd, log, **extra_env):
         fh = open(tmp_path / log, "w")
-        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env={**env, **extra_env}, stdout=fh, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        return procs[-1]
 
     def sh(cmd, cwd, timeout=600):
         p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -53,12 +61,33 @@ def test_sweep_on_two_workers_shares_the_upstream_and_compares_both(tmp_path):
         assert wait_healthy(f"http://127.0.0.1:{port}/api", procs[0]), (tmp_path / "server.log").read_text()[-3000:]
         sh([str(BIN / "prefect"), "work-pool", "create", "loop", "--type", "process"], tmp_path)
         sub = tmp_path / "submitter"
-        print(sh([sys.executable, "-m", "pipeline.pool", "deploy", "--pool", "loop", "--source", str(bare), "--branch", branch], sub))
-        for w in ("worker1", "worker2"):
-            start([str(BIN / "prefect"), "worker", "start", "--pool", "loop", "--type", "process", "--limit", "1"],
-                  tmp_path / w, f"{w}.log")
-        out = sh([sys.executable, "-m", "pipeline.sweep", "--pool", "dpldm-setting/loop", "--epsilons", "2", "8",
-                  "--out", "reports/sweep"], sub, timeout=1500)
+        print(sh([sys.executable, "-m", "pipeline.pool", "deploy", "--pool", "loop", "--source", str(bare), "--branch", branch,
+                  "--heartbeat", "30", "--zombie-after", "45"], sub))
+        workers = {}
+        for w in ("worker1", "worker2"):  # each clones its flow runs into its own temp folder
+            (tmp_path / f"{w}-tmp").mkdir()
+            workers[w] = start([str(BIN / "prefect"), "worker", "start", "--pool", "loop", "--type", "process", "--limit", "1"],
+                               tmp_path / w, f"{w}.log", TMPDIR=str(tmp_path / f"{w}-tmp"))
+        submitter = start([sys.executable, "-m", "pipeline.sweep", "--pool", "dpldm-setting/loop", "--epsilons", "2", "8",
+                           "--out", "reports/sweep"], sub, "submitter.log")
+        killed, deadline = None, time.time() + 900
+        while killed is None and time.time() < deadline and submitter.poll() is None:
+            for w in workers:  # the first dp_finetune to start (its attempt record is written before training)
+                if list((tmp_path / f"{w}-tmp").glob("*/*/models/checkpoints/dp_finetune/attempts.json")):
+                    # as a machine dies: the worker and every process under it (Prefect starts each flow run in
+                    # a process group of its own, so killing the worker's group alone would leave the run going)
+                    top = psutil.Process(workers[w].pid)
+                    for proc in [top, *top.children(recursive=True)]:
+                        try:
+                            proc.send_signal(signal.SIGKILL)
+                        except psutil.NoSuchProcess:
+                            pass
+                    killed = w
+                    break
+            time.sleep(0.1)
+        assert killed, (tmp_path / "submitter.log").read_text()[-6000:]
+        assert submitter.wait(timeout=1500) == 0, (tmp_path / "submitter.log").read_text()[-6000:]
+        out = (tmp_path / "submitter.log").read_text()
         body = json.dumps({"artifacts": {"key": {"any_": ["x"]}}, "flow_runs": None, "task_runs": None, "limit": 1,
                            "offset": None, "sort": "UPDATED_DESC"}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/api/artifacts/filter", data=body,
@@ -74,17 +103,38 @@ def test_sweep_on_two_workers_shares_the_upstream_and_compares_both(tmp_path):
     print(out[-3000:])
     # the upstream ran once, here; every setting ran on a worker, in a clone of its own, and retrained none of it
     assert out.count("Running stage 'pretrain_ldm'") == 1, out[-6000:]
-    runs = pd.read_csv(sub / "reports/sweep/pool_runs.csv")
-    assert sorted(runs["experiment"]) == ["eps2", "eps8"] and set(runs["state"]) == {"COMPLETED"}, runs
+    runs = pd.read_csv(sub / "reports/sweep/pool_runs.csv").set_index("experiment")
+    print(runs.to_markdown())
+    assert sorted(runs.index) == ["eps2", "eps8"] and set(runs["state"]) == {"COMPLETED"}, runs
     assert runs["workspace"].nunique() == 2 and not any(str(sub) in w for w in runs["workspace"]), runs
+    # the killed run died in dp_finetune (no ledger in its clone), was marked Crashed, and resubmitted once
+    (dead,) = (tmp_path / f"{killed}-tmp").glob("*/*/models/checkpoints/dp_finetune/attempts.json")
+    dead_clone = dead.parents[3]
+    assert not (dead_clone / "reports/dp_finetune/ledger.json").exists()
+    lost = runs[runs["lost_runs"] > 0]
+    assert len(lost) == 1 and "resubmitted" in out, runs
+    lost_name = lost.index[0]
+    assert not any(str(dead_clone) == w for w in runs["workspace"])
+    # both settings completed on the surviving worker, one after the other, each in its own fresh clone
+    assert runs["worker"].nunique() == 1, runs
     for stages in runs["stages_run"]:
         assert "dp_finetune" in stages and not PUBLIC_UPSTREAM & {s.strip() for s in stages.split(",")}, stages
-    # the comparison, built here from the experiments the workers pushed, has both rows with the accountant's epsilon
+    # the comparison, built here from the experiments the workers pushed, has both rows with the accountant's epsilon;
+    # the resubmitted setting's ledger counts the lost attempt at its target epsilon, the other's counts one attempt
     table = pd.read_csv(sub / "reports/sweep/comparison.csv").set_index("experiment")
+    print(table[["epsilon_target", "epsilon_spent", "attempt", "epsilon_spent_all_attempts"]].to_markdown())
     for name, eps in (("eps2", 2), ("eps8", 8)):
-        spent, acc = (float(table.loc[name, c]) for c in ("epsilon_spent", "cnn_accuracy"))
+        spent, acc, total = (float(table.loc[name, c]) for c in ("epsilon_spent", "cnn_accuracy", "epsilon_spent_all_attempts"))
         assert 0.9 * eps < spent <= eps and str(table.loc[name, "private"]).lower() == "true", table
         assert 0 <= acc <= 1
+        attempts = 2 if name == lost_name else 1
+        assert float(table.loc[name, "attempt"]) == attempts
+        assert total == pytest.approx(spent + (eps if attempts == 2 else 0), rel=1e-6), table
+    # neither setting inherited the other's override: each experiment's params are the committed ones plus its own
+    for ref in run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], sub).stdout.split():
+        exp_params = yaml.safe_load(run(["git", "show", f"{ref}:params.yaml"], sub).stdout)
+        name = ref.rsplit("/", 1)[-1]
+        assert exp_params["finetune"]["epsilon"] == {"eps2": 2, "eps8": 8}[name], (name, exp_params["finetune"])
     # nothing private reached the shared DVC remote: the private outputs' hashes, from an experiment's dvc.lock
     ref = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], sub).stdout.split()[0]
     lock = yaml.safe_load(run(["git", "show", f"{ref}:dvc.lock"], sub).stdout)["stages"]

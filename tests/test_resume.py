@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import run
+from helpers import ROOT, run
 from dpldm.ledger import Ledger
 
 pytestmark = pytest.mark.slow
@@ -163,6 +163,25 @@ def test_attempts_recorded_before_secret_noise_void_the_total():
     assert total_epsilon(current, "d") == pytest.approx(19.99)
     assert total_epsilon(current + [{"data_sha": "d", "dp": False, "uses_private_data": False}], "d") == pytest.approx(19.99)
     assert total_epsilon(current, "other") == 0.0
+
+
+def test_a_lost_attempt_counts_at_its_target_on_any_data_and_a_lost_non_dp_one_voids():
+    from dpldm.config import load_section
+    from dpldm.ledger import lost_attempt, total_epsilon, uses_of
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cfg = load_section(params, "finetune")
+    lost = lost_attempt(cfg, where="flow run x on host:1, crashed")
+    done = {"data_sha": "d", "dp": True, "status": "completed", "epsilon_spent": 9.99, "target_epsilon": 10.0}
+    # its data hash is unknown: it counts as a use of whatever data the ledger is for, at its target
+    for sha in ("d", "other"):
+        assert uses_of([lost, done], sha) == (2 if sha == "d" else 1)
+    assert total_epsilon([lost, done], "d") == pytest.approx(cfg.epsilon + 9.99)
+    assert total_epsilon([lost], "other") == pytest.approx(cfg.epsilon)
+    nonprivate = lost_attempt(load_section({**params, "finetune": {**params["finetune"], "private": False}}, "finetune"), where="w")
+    assert total_epsilon([nonprivate, done], "d") == float("inf")
+    public = lost_attempt(load_section({**params, "finetune": {**params["finetune"], "mode": "none"}}, "finetune"), where="w")
+    assert uses_of([public, done], "d") == 1 and total_epsilon([public, done], "d") == pytest.approx(9.99)
 
 
 def test_lora_stage_resumes_and_releases_merged_weights_and_adapters(upstream, finetune_io, tmp_path, monkeypatch):

@@ -51,3 +51,24 @@ def test_inside_a_flow_run_only_dvcs_own_lines_are_printed():
     assert "latent_mean" not in shown and "stages.encode_private" not in shown
     assert "Running stage 'encode_private'" in shown and "ERROR: failed" in shown and "Updating lock file" in shown
     assert "latent_mean" in visible_output(out, in_flow_run=False)  # this machine's own terminal
+
+
+def test_a_resubmitted_setting_writes_its_lost_runs_into_the_attempt_records_dp_finetune_reads(tmp_path):
+    import json
+    import shutil
+
+    from helpers import ROOT
+    from pipeline.boundary import read_stages, stage_paths
+    from pipeline.pool import record_lost_attempts
+
+    for f in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / f, tmp_path / f)
+    lost = [{"flow_run": "abc", "state": "CRASHED", "worker": "host:42"}]
+    record_lost_attempts(str(tmp_path), {"finetune.epsilon": 2.0}, lost)
+    path = tmp_path / stage_paths(read_stages(tmp_path), "dp_finetune")["checkpoint"] / "attempts.json"
+    (rec,) = json.loads(path.read_text())
+    # the lost run's own setting (committed params + its override), not the committed epsilon
+    assert rec["target_epsilon"] == 2.0 and rec["status"] == "lost" and rec["data_sha"] is None
+    assert "abc" in rec["where"] and "host:42" in rec["where"]
+    with pytest.raises(RuntimeError, match="fresh clone"):  # never over the records of an attempt in this clone
+        record_lost_attempts(str(tmp_path), {"finetune.epsilon": 2.0}, lost)
