@@ -8,8 +8,10 @@ its own setting (two settings back to back on one worker), and the ledger counts
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -28,7 +30,7 @@ BIN = Path(sys.executable).parent
 PUBLIC_UPSTREAM = {"prepare_public", "pretrain_ae", "encode_public", "pretrain_ldm"}
 
 
-def test_sweep_on_two_workers_shares_the_upstream_survives_a_dead_worker_and_compares_both(tmp_path):
+def test_sweep_on_two_workers_shares_the_upstream_survives_a_dead_worker_and_compares_both(tmp_path, request):
     src = tiny_repo(tmp_path / "src")
     remote = tmp_path / "dvc-remote"
     run([str(BIN / "dvc"), "remote", "add", "-d", "-f", "shared", str(remote)], src)
@@ -43,7 +45,7 @@ def test_sweep_on_two_workers_shares_the_upstream_survives_a_dead_worker_and_com
     env = {k: v for k, v in base_env().items() if k != "PYTHONPATH"}  # every process runs its own clone's code
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="2", PATH=str(BIN) + os.pathsep + env["PATH"])
-    procs = []
+    procs, tmps = [], {}
 
     def start(cmd, cwd, log, **extra_env):
         fh = open(tmp_path / log, "w")
@@ -64,16 +66,19 @@ def test_sweep_on_two_workers_shares_the_upstream_survives_a_dead_worker_and_com
         print(sh([sys.executable, "-m", "pipeline.pool", "deploy", "--pool", "loop", "--source", str(bare), "--branch", branch,
                   "--heartbeat", "30", "--zombie-after", "45"], sub))
         workers = {}
-        for w in ("worker1", "worker2"):  # each clones its flow runs into its own temp folder
-            (tmp_path / f"{w}-tmp").mkdir()
+        for w in ("worker1", "worker2"):  # each clones its flow runs into its own temp folder; a short path:
+            # multiprocessing binds unix sockets under TMPDIR (at most 107 bytes), and under pytest-xdist a folder
+            # in tmp_path is long enough that the stages' DataLoader workers hang on it
+            tmps[w] = Path(tempfile.mkdtemp(prefix=f"dpldm-{w}-"))
+            request.addfinalizer(lambda d=tmps[w]: shutil.rmtree(d, ignore_errors=True))
             workers[w] = start([str(BIN / "prefect"), "worker", "start", "--pool", "loop", "--type", "process", "--limit", "1"],
-                               tmp_path / w, f"{w}.log", TMPDIR=str(tmp_path / f"{w}-tmp"))
+                               tmp_path / w, f"{w}.log", TMPDIR=str(tmps[w]))
         submitter = start([sys.executable, "-m", "pipeline.sweep", "--pool", "dpldm-setting/loop", "--epsilons", "2", "8",
                            "--out", "reports/sweep"], sub, "submitter.log")
         killed, deadline = None, time.time() + 900
         while killed is None and time.time() < deadline and submitter.poll() is None:
             for w in workers:  # the first dp_finetune to start (its attempt record is written before training)
-                if list((tmp_path / f"{w}-tmp").glob("*/*/models/checkpoints/dp_finetune/attempts.json")):
+                if list(tmps[w].glob("*/*/models/checkpoints/dp_finetune/attempts.json")):
                     # as a machine dies: the worker and every process under it (Prefect starts each flow run in
                     # a process group of its own, so killing the worker's group alone would leave the run going)
                     top = psutil.Process(workers[w].pid)
@@ -108,7 +113,7 @@ def test_sweep_on_two_workers_shares_the_upstream_survives_a_dead_worker_and_com
     assert sorted(runs.index) == ["eps2", "eps8"] and set(runs["state"]) == {"COMPLETED"}, runs
     assert runs["workspace"].nunique() == 2 and not any(str(sub) in w for w in runs["workspace"]), runs
     # the killed run died in dp_finetune (no ledger in its clone), was marked Crashed, and resubmitted once
-    (dead,) = (tmp_path / f"{killed}-tmp").glob("*/*/models/checkpoints/dp_finetune/attempts.json")
+    (dead,) = tmps[killed].glob("*/*/models/checkpoints/dp_finetune/attempts.json")
     dead_clone = dead.parents[3]
     assert not (dead_clone / "reports/dp_finetune/ledger.json").exists()
     lost = runs[runs["lost_runs"] > 0]
