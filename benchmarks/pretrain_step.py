@@ -1,7 +1,8 @@
 """Seconds per training step of the AE and the latent UNet at params.yaml's shapes and batch sizes,
 and the pretraining time they imply (steps from params.yaml). Random inputs: timing only.
 
-    python benchmarks/pretrain_step.py [--steps 5] [--out benchmarks/results/pretrain_step.md]"""
+    python benchmarks/pretrain_step.py [--steps 5] [--out benchmarks/results/pretrain_step.md]
+        [--set ae.block_out_channels=[16,32,64,64],ae.latent_channels=3]   # time another shape"""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from dpldm.config import load_all
+from dpldm.config import load_all, with_overrides
 from dpldm.diffusion import eps_loss, make_scheduler
 from dpldm.models import build_autoencoder, build_ldm, latent_shape
 
@@ -31,8 +32,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/pretrain_step.md")
+    ap.add_argument("--set", default="", help="params overrides, key=value,key=value (as pipeline.sweep --set)")
     args = ap.parse_args()
-    c = load_all(yaml.safe_load(Path("params.yaml").read_text()))
+    from pipeline.sweep import parse_assignments
+
+    overrides = parse_assignments(args.set) if args.set else {}
+    c = load_all(with_overrides(yaml.safe_load(Path("params.yaml").read_text()), overrides))
     torch.set_num_threads(c["runtime"].threads or torch.get_num_threads())
     pub = c["data"].public
     def make_ae_step(memory_format):
@@ -67,7 +72,8 @@ def main() -> None:
             ("pretrain_ae (contiguous, as the stage runs)", c["ae"].batch_size,
              timed(make_ae_step(torch.contiguous_format), args.steps), ae_steps),
             ("pretrain_ldm", c["ldm"].batch_size, timed(ldm_step, args.steps), c["ldm"].steps)]
-    lines = [f"{platform.machine()}, {torch.get_num_threads()} threads, {args.steps} timed steps per row, random inputs", "",
+    lines = [f"{platform.machine()}, {torch.get_num_threads()} threads, {args.steps} timed steps per row, random inputs"
+             + (f"; overrides {overrides}" if overrides else "") + f"; latents {lat}", "",
              "| stage | batch | s / step | steps (params.yaml) | implied training time (min) |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {s} | {b} | {t:.2f} | {n} | {t * n / 60:.1f} |" for s, b, t, n in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -72,3 +72,35 @@ def test_a_resubmitted_setting_writes_its_lost_runs_into_the_attempt_records_dp_
     assert "abc" in rec["where"] and "host:42" in rec["where"]
     with pytest.raises(RuntimeError, match="fresh clone"):  # never over the records of an attempt in this clone
         record_lost_attempts(str(tmp_path), {"finetune.epsilon": 2.0}, lost)
+
+
+def _quality():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_table_gives_each_epsilon_independent_runs_and_averages_over_them():
+    q = _quality()
+    grid = q.settings([1.0, 10.0], 3, {"sample.per_class": 20})
+    names = [n for n, _, _ in grid]
+    assert names[0] == "q-public-only" and names[-1] == "q-nonprivate"  # non-private last: it voids the ledger's total
+    eps10 = [s for n, row, s in grid if row == "epsilon 10"]
+    assert len(eps10) == 3 and len({s["runtime.seeds.dp_finetune"] for s in eps10}) == 3  # params differ: DVC runs each
+    assert all(s["sample.per_class"] == 20 and s["finetune.epsilon"] == 10 for s in eps10)
+    base = {"experiment": "", "cnn_accuracy_std": 0.01, "mlp_accuracy": 0.5, "logreg_accuracy": 0.4, "fid_domain": 100.0}
+    runs = [{**base, "experiment": n, "cnn_accuracy": a, "epsilon_spent": e}
+            for n, a, e in [("q-eps10-run1", 0.80, 9.99), ("q-eps10-run2", 0.90, 9.99), ("q-eps10-run3", "!", "!"),
+                            ("q-public-only", 0.6, None), ("other", 0.1, 1.0)]]
+    row_of = {n: row for n, row, _ in grid}
+    t = q.aggregate(pd.DataFrame(runs), row_of, {"real_cnn_accuracy": 0.96, "real_cnn_accuracy_std": 0.002,
+                                                   "real_mlp_accuracy": 0.93, "real_logreg_accuracy": 0.9}).set_index("setting")
+    # a run without scores ("!") is shown as missing, not averaged; the std is over runs, not over CNN seeds
+    assert t.loc["epsilon 10", "runs"] == "2 of 3" and t.loc["epsilon 10", "CNN accuracy %"] == "85.0 ± 7.1"
+    assert t.loc["public-only", "epsilon spent"] == "-" and t.loc["public-only", "CNN accuracy %"] == "60.0"
+    assert t.loc["real private train data", "CNN accuracy %"] == "96.0" and "other" not in t["experiments"].str.cat()
+    assert list(t.index) == ["public-only", "epsilon 10", "real private train data"]

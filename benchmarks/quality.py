@@ -1,0 +1,115 @@
+"""The quality table of issue 14: public-only, epsilon 1, epsilon 10, non-private fine-tuning of the same
+layers, and real data, each DP row a mean over independent DP runs.
+
+    python benchmarks/quality.py [--runs 3] [--epsilons 1 10] [--set key=value ...] [--compare-only]
+
+Each setting is one ``dvc exp`` run by ``pipeline.sweep`` in this workspace (the upstream stages once; every
+setting re-runs dp_finetune, sample, score_fid and score_classifier). The DP runs of one epsilon differ only in
+``runtime.seeds.dp_finetune`` (so that DVC runs each one; their DP noise and Poisson batches are secret,
+hence independent). A DP row reports the mean ± std over its runs of each run's CNN accuracy (itself a mean
+over ``classifier.seeds`` CNN seeds); ``CNN std within a run`` is the mean of the runs' CNN-seed std. The real
+row is the reference stage's classifiers trained on the private train split.
+
+Every DP run is a separate release of a model trained on the same private data: the ledger adds them up
+(``epsilon_spent_all_attempts``), and the non-private run, which comes last, voids the total (``inf``). This
+table is scored on the private test split: nothing may be chosen from it.
+
+Writes ``benchmarks/results/quality.md`` / ``.csv`` (per setting) and ``quality_runs.csv`` (per run), with the
+command, commit, date and the day's ``benchmarks/pretrain_step.py`` figure (``--step-figure``) as provenance."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.sweep import comparison, parse_assignments, run_sweep  # noqa: E402
+
+
+def settings(epsilons: list[float], runs: int, common: dict) -> list[tuple[str, str, dict]]:
+    """[(experiment name, row, params)]: public-only, the DP runs, then non-private (last: it voids the total)."""
+    out = [("q-public-only", "public-only", {**common, "finetune.mode": "none"})]
+    for eps in epsilons:
+        for r in range(1, runs + 1):
+            name = f"q-eps{eps:g}-run{r}".replace(".", "p")
+            out.append((name, f"epsilon {eps:g}", {**common, "finetune.epsilon": eps, "runtime.seeds.dp_finetune": r}))
+    out.append(("q-nonprivate", "non-private", {**common, "finetune.private": False}))
+    return out
+
+
+def _num(v) -> float:
+    return pd.to_numeric(pd.Series([v]), errors="coerce").iloc[0]
+
+
+def aggregate(df: pd.DataFrame, row_of: dict, real: dict) -> pd.DataFrame:
+    """One line per row of the table from the per-experiment comparison ``df``."""
+    df = df[df["experiment"].isin(row_of)].copy()
+    df["row"] = df["experiment"].map(row_of)
+    for col in ("cnn_accuracy", "cnn_accuracy_std", "fid_domain", "epsilon_spent", "mlp_accuracy", "logreg_accuracy"):
+        df[col] = df[col].map(_num)
+    out = []
+    for row in dict.fromkeys(row_of.values()):  # in the order of the settings
+        part = df[df["row"] == row]
+        if part.empty:
+            continue
+        acc = 100 * part["cnn_accuracy"].dropna()  # a run without scores ("!" in dvc exp show) is not averaged
+        out.append({
+            "setting": row, "runs": f"{len(acc)}" if len(acc) == len(part) else f"{len(acc)} of {len(part)}",
+            "epsilon spent": f"{part['epsilon_spent'].mean():.3f}" if part["epsilon_spent"].notna().any() else "-",
+            "CNN accuracy %": f"{acc.mean():.1f} ± {acc.std(ddof=1):.1f}" if len(acc) > 1 else f"{acc.mean():.1f}",
+            "CNN std within a run": f"{100 * part['cnn_accuracy_std'].mean():.1f}",
+            "MLP %": f"{100 * part['mlp_accuracy'].mean():.1f}", "logreg %": f"{100 * part['logreg_accuracy'].mean():.1f}",
+            "fid_domain": f"{part['fid_domain'].mean():.1f}",
+            "experiments": " ".join(part["experiment"]),
+        })
+    if real:
+        out.append({"setting": "real private train data", "runs": "1", "epsilon spent": "-",
+                    "CNN accuracy %": f"{100 * real['real_cnn_accuracy']:.1f}",
+                    "CNN std within a run": f"{100 * real.get('real_cnn_accuracy_std', float('nan')):.1f}",
+                    "MLP %": f"{100 * real['real_mlp_accuracy']:.1f}", "logreg %": f"{100 * real['real_logreg_accuracy']:.1f}",
+                    "fid_domain": "-", "experiments": "reference stage"})
+    return pd.DataFrame(out)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3, help="independent DP runs per epsilon")
+    ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 10.0])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every setting")
+    ap.add_argument("--compare-only", action="store_true", help="skip the runs; rebuild the table from dvc exp")
+    ap.add_argument("--rerun", action="store_true", help="replace experiments of the same name")
+    ap.add_argument("--step-figure", default="", help="that day's benchmarks/pretrain_step.py figure, for provenance")
+    ap.add_argument("--out", default="benchmarks/results/quality")
+    args = ap.parse_args(argv)
+    if args.runs < 1:
+        raise SystemExit(f"--runs {args.runs}: need at least one DP run per epsilon")
+    common = parse_assignments(",".join(args.set)) if args.set else {}
+    grid = settings(args.epsilons, args.runs, common)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    if not args.compare_only:
+        run_sweep([(name, s) for name, _, s in grid], rerun=args.rerun)
+    df = comparison([name for name, _, _ in grid])
+    ref = Path("reports/reference/metrics.json")
+    table = aggregate(df, {name: row for name, row, _ in grid}, json.loads(ref.read_text()) if ref.exists() else {})
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    cmd = " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    head = [f"`{cmd}`, commit {commit}, started {started:%Y-%m-%d %H:%M} UTC, {platform.machine()}.",
+            f"Overrides for every setting: {common or 'none'}. CNN accuracy on the real private test split: mean ± std over "
+            f"the DP runs of each run's mean over the CNN seeds.",
+            f"That day's benchmarks/pretrain_step.py: {args.step_figure or 'not given'}.", ""]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(f"{args.out}.csv", index=False)
+    df[df["experiment"].isin([n for n, _, _ in grid])].to_csv(f"{args.out}_runs.csv", index=False)
+    Path(f"{args.out}.md").write_text("\n".join(head) + "\n" + table.to_markdown(index=False) + "\n")
+    print("\n".join(head) + "\n" + table.to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()
