@@ -22,7 +22,7 @@ from .config import FinetuneConfig, LDMConfig, to_dict
 from .diffusion import eps_loss, make_scheduler
 from .ledger import SEEDED_NOISE, SECRET_NOISE, Ledger, release_of
 from .models import ConditionalUNet, merge_lora
-from .privacy import (DPPlan, Selection, dp_generators, make_private, plan_dp, select_trainable, steps_per_epoch_of,
+from .privacy import (DPPlan, Selection, accountant_epsilon, dp_generators, make_private, plan_dp, select_trainable, steps_per_epoch_of,
                       train_epoch, validate_plan_inputs)
 
 
@@ -111,7 +111,9 @@ class Finetuning:
 
     def epsilon(self) -> float | None:
         """The accountant's epsilon so far (``None`` without DP)."""
-        return float(self.accountant.get_epsilon(delta=self.cfg.delta)) if self.accountant is not None else None
+        if self.accountant is None:
+            return None
+        return accountant_epsilon(self.accountant, delta=self.cfg.delta, accountant=self.cfg.accountant)
 
     def finish(self) -> dict | None:
         """Put the EMA weights into the model (the released parameters). LoRA adapters are then folded

@@ -16,6 +16,7 @@ its 64-bit seed is secret, its stream is not cryptographically strong. opacus' f
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -158,17 +159,41 @@ def plan_dp(cfg: FinetuneConfig, *, n: int) -> DPPlan:
     validate_plan_inputs(cfg, n=n)
     steps_per_epoch = steps_per_epoch_of(n, cfg.batch_size)
     q = 1.0 / steps_per_epoch  # opacus' DPDataLoader uses 1 / len(loader)
-    sigma = get_noise_multiplier(target_epsilon=cfg.epsilon, target_delta=cfg.delta, sample_rate=q,
-                                 steps=steps_per_epoch * cfg.epochs, accountant=cfg.accountant, epsilon_tolerance=0.01)
+    sigma = noise_multiplier_for(cfg.epsilon, delta=cfg.delta, sample_rate=q, steps=steps_per_epoch * cfg.epochs,
+                                 accountant=cfg.accountant)
     return DPPlan(n=n, sample_rate=q, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, noise_multiplier=float(sigma),
                   target_epsilon=cfg.epsilon, delta=cfg.delta, accountant=cfg.accountant)
 
 
+# The accountants are pure functions of a few numbers, and slow (opacus' PRV accountant bounds its domain with
+# fractional-order RDP: about 15 s to calibrate the noise of a tiny run). Both are memoized per process, so a
+# process that plans or accounts the same run twice (a retry, the per-epoch report, the tests) pays once.
+
+
+@functools.lru_cache(maxsize=64)
+def noise_multiplier_for(target_epsilon: float, *, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """opacus' calibration: the smallest noise multiplier (to tolerance 0.01 in epsilon) whose ``steps``
+    Poisson-subsampled Gaussian steps spend at most ``target_epsilon``."""
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+                                      accountant=accountant, epsilon_tolerance=0.01))
+
+
+@functools.lru_cache(maxsize=256)
+def epsilon_of_history(history: tuple[tuple[float, float, int], ...], *, delta: float, accountant: str) -> float:
+    """The epsilon of an accountant's ``history`` ((noise multiplier, sample rate, steps), ...)."""
+    acc = ACCOUNTANTS[accountant]()
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def accountant_epsilon(acc, *, delta: float, accountant: str) -> float:
+    """``acc.get_epsilon(delta)`` for an opacus accountant, through the memo."""
+    return epsilon_of_history(tuple((float(s), float(q), int(n)) for s, q, n in acc.history), delta=delta, accountant=accountant)
+
+
 def epsilon_of(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
     """Independent computation of the epsilon of ``steps`` Poisson-subsampled Gaussian steps."""
-    acc = ACCOUNTANTS[accountant]()
-    acc.history = [(noise_multiplier, sample_rate, steps)]
-    return float(acc.get_epsilon(delta=delta))
+    return epsilon_of_history(((float(noise_multiplier), float(sample_rate), int(steps)),), delta=delta, accountant=accountant)
 
 
 # ----------------------------------------------------------------------------------------------

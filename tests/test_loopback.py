@@ -30,6 +30,26 @@ BIN = Path(sys.executable).parent
 PUBLIC_UPSTREAM = {"prepare_public", "pretrain_ae", "encode_public", "pretrain_ldm"}
 
 
+def stop_tree(p: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM to the process's group, then SIGKILL to it and everything under it still alive after ``grace``
+    seconds (flow runs sit in process groups of their own): no server or worker outlives the test."""
+    try:
+        tree = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
 def test_sweep_on_two_workers_shares_the_upstream_survives_a_dead_worker_and_compares_both(tmp_path, request):
     src = tiny_repo(tmp_path / "src")
     remote = tmp_path / "dvc-remote"
@@ -100,11 +120,7 @@ def test_sweep_on_two_workers_shares_the_upstream_survives_a_dead_worker_and_com
         assert json.loads(urllib.request.urlopen(req, timeout=10).read()) == []
     finally:
         for p in procs:
-            try:
-                os.killpg(p.pid, 15)
-                p.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
+            stop_tree(p)
     print(out[-3000:])
     # the upstream ran once, here; every setting ran on a worker, in a clone of its own, and retrained none of it
     assert out.count("Running stage 'pretrain_ldm'") == 1, out[-6000:]

@@ -163,6 +163,32 @@ def test_calibrated_noise_reaches_target_epsilon(accountant):
                       delta=1e-5, accountant=accountant) > 10.0
 
 
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_memoized_accounting_equals_a_fresh_opacus_accountant(accountant):
+    """The memo is keyed by every number the accountant reads: a history of two phases, its reversal, and
+    another delta each give what a fresh opacus accountant gives."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from dpldm.privacy import accountant_epsilon, noise_multiplier_for
+
+    def fresh(history, delta):
+        acc = {"prv": PRVAccountant, "rdp": RDPAccountant}[accountant]()
+        acc.history = list(history)
+        return acc.get_epsilon(delta=delta)
+
+    history = [(1.1, 1 / 16, 40), (0.9, 1 / 16, 20)]
+    acc = {"prv": PRVAccountant, "rdp": RDPAccountant}[accountant]()
+    for h, delta in ((history, 1e-5), (history[::-1], 1e-5), (history, 1e-6)):
+        acc.history = list(h)
+        assert accountant_epsilon(acc, delta=delta, accountant=accountant) == pytest.approx(fresh(h, delta), rel=1e-12)
+    assert accountant_epsilon(acc, delta=1e-6, accountant=accountant) != accountant_epsilon(acc, delta=1e-5, accountant=accountant)
+    for eps in (4.0, 8.0):
+        assert noise_multiplier_for(eps, delta=1e-5, sample_rate=1 / 16, steps=60, accountant=accountant) == pytest.approx(
+            get_noise_multiplier(target_epsilon=eps, target_delta=1e-5, sample_rate=1 / 16, steps=60, accountant=accountant,
+                                 epsilon_tolerance=0.01), rel=1e-12)
+
+
 def test_steps_taken_equal_the_plan_where_opacus_would_round_down():
     """N = 9300, B = 100: q = 1/93 and opacus' loader would yield int(1/q) = 92 batches per epoch. Ours yields
     the plan's 93, and the loop (the stage's own) takes exactly plan.steps optimizer steps."""
