@@ -22,6 +22,7 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -99,7 +100,7 @@ def main(argv=None) -> None:
     ref = Path("reports/reference/metrics.json")
     table = aggregate(df, {name: row for name, row, _ in grid}, json.loads(ref.read_text()) if ref.exists() else {})
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    cmd = " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    cmd = shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
     head = [f"`{cmd}`, commit {commit}, started {started:%Y-%m-%d %H:%M} UTC, {platform.machine()}.",
             f"Overrides for every setting: {common or 'none'}. CNN accuracy on the real private test split: mean ± std over "
             f"the DP runs of each run's mean over the CNN seeds.",
@@ -107,8 +108,8 @@ def main(argv=None) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(f"{args.out}.csv", index=False)
     df[df["experiment"].isin([n for n, _, _ in grid])].to_csv(f"{args.out}_runs.csv", index=False)
-    Path(f"{args.out}.md").write_text("\n".join(head) + "\n" + table.to_markdown(index=False) + "\n")
-    print("\n".join(head) + "\n" + table.to_markdown(index=False))
+    Path(f"{args.out}.md").write_text("\n".join(head) + "\n" + table.to_markdown(index=False, disable_numparse=True) + "\n")
+    print("\n".join(head) + "\n" + table.to_markdown(index=False, disable_numparse=True))
 
 
 if __name__ == "__main__":
