@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dp_step import measure  # noqa: E402
 
 from pipeline.sweep import comparison, plot, run_sweep  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 EPSILONS = (1, 10)
 VARIANTS = {  # name -> finetune overrides
@@ -103,9 +102,7 @@ def main() -> None:
     df = comparison([name for name, _, _ in grid])
     cost = costs(args.steps)
     out = table(df, {name: v for name, v, _ in grid}, cost)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    head = [f"`python benchmarks/ablation.py --epochs {args.epochs} --per-class {args.per_class} --steps {args.steps}`, "
-            f"commit {commit}, {started:%Y-%m-%d %H:%M} UTC, {platform.machine()}, {sys.platform}.",
+    head = [provenance("ablation.py", None, started),
             f"Every setting: the embedded default with finetune.epochs={args.epochs}, sample.per_class={args.per_class}, "
             "otherwise the committed params. CNN accuracy: mean ± std over the classifier seeds of one DP run.",
             "Cost columns: benchmarks/dp_step.py on random latents of the same shapes.", ""]

@@ -21,17 +21,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.sweep import comparison, parse_assignments, run_sweep  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 
 def settings(epsilons: list[float], runs: int, common: dict) -> list[tuple[str, str, dict]]:
@@ -99,9 +98,7 @@ def main(argv=None) -> None:
     df = comparison([name for name, _, _ in grid])
     ref = Path("reports/reference/metrics.json")
     table = aggregate(df, {name: row for name, row, _ in grid}, json.loads(ref.read_text()) if ref.exists() else {})
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    cmd = shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
-    head = [f"`{cmd}`, commit {commit}, started {started:%Y-%m-%d %H:%M} UTC, {platform.machine()}.",
+    head = [provenance("quality.py", argv, started),
             f"Overrides for every setting: {common or 'none'}. CNN accuracy on the real private test split: mean ± std over "
             f"the DP runs of each run's mean over the CNN seeds.",
             f"That day's benchmarks/pretrain_step.py: {args.step_figure or 'not given'}.", ""]

@@ -30,23 +30,33 @@ BIN = Path(sys.executable).parent
 PUBLIC_UPSTREAM = {"prepare_public", "pretrain_ae", "encode_public", "pretrain_ldm"}
 
 
+def tree_of(pid: int) -> list[psutil.Process]:
+    """The process and everything under it (flow runs sit in process groups of their own)."""
+    try:
+        top = psutil.Process(pid)
+        return [top, *top.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_all(procs: list[psutil.Process]) -> None:
+    for proc in procs:
+        try:
+            proc.kill()  # SIGKILL
+        except psutil.NoSuchProcess:
+            pass
+
+
 def stop_tree(p: subprocess.Popen, grace: float = 20) -> None:
     """SIGTERM to the process's group, then SIGKILL to it and everything under it still alive after ``grace``
-    seconds (flow runs sit in process groups of their own): no server or worker outlives the test."""
-    try:
-        tree = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
+    seconds: no server or worker outlives the test."""
+    tree = tree_of(p.pid)
     try:
         os.killpg(p.pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
     _, alive = psutil.wait_procs(tree, timeout=grace)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
+    kill_all(alive)
     psutil.wait_procs(alive, timeout=10)
 
 
@@ -101,12 +111,7 @@ def test_sweep_on_two_workers_shares_the_upstream_survives_a_dead_worker_and_com
                 if list(tmps[w].glob("*/*/models/checkpoints/dp_finetune/attempts.json")):
                     # as a machine dies: the worker and every process under it (Prefect starts each flow run in
                     # a process group of its own, so killing the worker's group alone would leave the run going)
-                    top = psutil.Process(workers[w].pid)
-                    for proc in [top, *top.children(recursive=True)]:
-                        try:
-                            proc.send_signal(signal.SIGKILL)
-                        except psutil.NoSuchProcess:
-                            pass
+                    kill_all(tree_of(workers[w].pid))
                     killed = w
                     break
             time.sleep(0.1)

@@ -104,3 +104,20 @@ def test_quality_table_gives_each_epsilon_independent_runs_and_averages_over_the
     assert t.loc["public-only", "epsilon spent"] == "-" and t.loc["public-only", "CNN accuracy %"] == "60.0"
     assert t.loc["real private train data", "CNN accuracy %"] == "96.0" and "other" not in t["experiments"].str.cat()
     assert list(t.index) == ["public-only", "epsilon 10", "real private train data"]
+
+
+def test_benchmark_tables_start_with_the_exact_command_and_commit():
+    import datetime
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("provenance", Path(__file__).resolve().parents[1] / "benchmarks" / "provenance.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    line = mod.provenance("quality.py", ["--runs", "3", "--set", "sample.steps=25,ldm.steps=2100", "--step-figure", "LDM 0.62 s"],
+                          datetime.datetime(2026, 11, 24, 8, 5, tzinfo=datetime.timezone.utc))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # the command can be pasted back into a shell as is: the argument with spaces stays one argument
+    assert line.startswith("`python benchmarks/quality.py --runs 3 --set sample.steps=25,ldm.steps=2100 --step-figure 'LDM 0.62 s'`")
+    assert f"commit {commit}," in line and "2026-11-24 08:05 UTC" in line
