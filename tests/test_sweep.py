@@ -74,18 +74,19 @@ def test_a_resubmitted_setting_writes_its_lost_runs_into_the_attempt_records_dp_
         record_lost_attempts(str(tmp_path), {"finetune.epsilon": 2.0}, lost)
 
 
-def _quality():
+def _benchmark(name: str):
+    """A script of benchmarks/ loaded as a module (the folder is not a package)."""
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 def test_quality_table_gives_each_epsilon_independent_runs_and_averages_over_them():
-    q = _quality()
+    q = _benchmark("quality")
     grid = q.settings([1.0, 10.0], 3, {"sample.per_class": 20})
     names = [n for n, _, _ in grid]
     assert names[0] == "q-public-only" and names[-1] == "q-nonprivate"  # non-private last: it voids the ledger's total
@@ -108,15 +109,10 @@ def test_quality_table_gives_each_epsilon_independent_runs_and_averages_over_the
 
 def test_benchmark_tables_start_with_the_exact_command_and_commit():
     import datetime
-    import importlib.util
     import subprocess
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("provenance", Path(__file__).resolve().parents[1] / "benchmarks" / "provenance.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    line = mod.provenance("quality.py", ["--runs", "3", "--set", "sample.steps=25,ldm.steps=2100", "--step-figure", "LDM 0.62 s"],
-                          datetime.datetime(2026, 11, 24, 8, 5, tzinfo=datetime.timezone.utc))
+    argv = ["--runs", "3", "--set", "sample.steps=25,ldm.steps=2100", "--step-figure", "LDM 0.62 s"]
+    line = _benchmark("provenance").provenance("quality.py", argv, datetime.datetime(2026, 11, 24, 8, 5, tzinfo=datetime.timezone.utc))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     # the command can be pasted back into a shell as is: the argument with spaces stays one argument
     assert line.startswith("`python benchmarks/quality.py --runs 3 --set sample.steps=25,ldm.steps=2100 --step-figure 'LDM 0.62 s'`")
