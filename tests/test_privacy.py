@@ -14,21 +14,21 @@ from dpldm.privacy import (KAveragedDPOptimizer, PrivacyConfigError, epsilon_of,
 CFG = cfg("ldm", block_out_channels=(32, 32), class_time_embedding=True)  # both class-embedder tables
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
-    return build_ldm(CFG, latent_channels=4, latent_size=4)
+    return build_ldm(CFG, latent_channels=4, latent_size=4).to(dtype)
 
 
-def rows(b, k, seed=0, tile=False):
+def rows(b, k, seed=0, tile=False, dtype=torch.float32):
     """B examples, K (t, noise) draws each; example-major unless ``tile``."""
     g = torch.Generator().manual_seed(seed)
-    z0, y = torch.randn(b, 4, 4, 4, generator=g), torch.arange(b) % 10
+    z0, y = torch.randn(b, 4, 4, 4, generator=g).to(dtype), torch.arange(b) % 10
     if tile:
         z0, y = z0.repeat(k, 1, 1, 1), y.repeat(k)
     else:
         z0, y = expand_rows(z0, y, k=k)
     t = torch.randint(0, 1000, (b * k,), generator=g)
-    noise = torch.randn(z0.shape, generator=g)
+    noise = torch.randn(z0.shape, generator=g).to(dtype)
     return q_sample(make_scheduler(CFG), z0, noise, t), t, y, noise
 
 
@@ -37,8 +37,8 @@ def per_row_loss(model, zt, t, y, noise):
 
 
 def explicit_clipped_sum(model, names, b, k, clip, seed=0):
-    """Reference: per example, autograd of its K-averaged loss, clipped, summed."""
-    zt, t, y, noise = rows(b, k, seed)
+    """Reference: per example, autograd of its K-averaged loss, clipped, summed (in the model's dtype)."""
+    zt, t, y, noise = rows(b, k, seed, dtype=next(model.parameters()).dtype)
     params = dict(model.named_parameters())
     total = {n: torch.zeros_like(params[n]) for n in names}
     for i in range(b):
@@ -57,7 +57,7 @@ def dp_clipped_sum(model, b, k, clip, seed=0, tile=False):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = KAveragedDPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
                                expected_batch_size=b, noise_multiplicity=k)
-    zt, t, y, noise = rows(b, k, seed, tile=tile)
+    zt, t, y, noise = rows(b, k, seed, tile=tile, dtype=next(model.parameters()).dtype)
     per_row_loss(gsm, zt, t, y, noise).mean().backward()
     opt.clip_and_accumulate()
     return {n: p.summed_grad for n, p in model.named_parameters() if p.requires_grad}
@@ -65,7 +65,7 @@ def dp_clipped_sum(model, b, k, clip, seed=0, tile=False):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_per_example_clipped_gradients_match_explicit_autograd(k):
-    model = tiny_model()
+    model = tiny_model(dtype=torch.float64)  # float64: the two sums differ only by summation order
     names = select_trainable(model, mode="attention", layers=(2, 5), train_embedder=True).names
     ref_model = copy.deepcopy(model)
     clip = 1e-3  # small enough that every example is clipped: norms must be per example, after K-averaging
@@ -73,7 +73,8 @@ def test_per_example_clipped_gradients_match_explicit_autograd(k):
     want = explicit_clipped_sum(ref_model, names, b=4, k=k, clip=clip)
     assert set(got) == set(names)
     for n in names:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-9)
+        assert got[n].dtype == torch.float64
+        torch.testing.assert_close(got[n], want[n], rtol=1e-7, atol=1e-12)
 
 
 def test_tiled_rows_would_break_the_equivalence():
