@@ -117,3 +117,24 @@ def test_benchmark_tables_start_with_the_exact_command_and_commit():
     # the command can be pasted back into a shell as is: the argument with spaces stays one argument
     assert line.startswith("`python benchmarks/quality.py --runs 3 --set sample.steps=25,ldm.steps=2100 --step-figure 'LDM 0.62 s'`")
     assert f"commit {commit}," in line and "2026-11-24 08:05 UTC" in line
+
+
+def test_pretraining_sweep_reports_what_the_label_buys_on_public_latents():
+    import torch
+    import yaml
+
+    from helpers import ROOT, merge
+
+    s = _benchmark("pretrain_ldm_sweep")
+    assert s.parse_variant("fast:ldm.lr=0.004,ldm.steps=3") == ("fast", {"ldm.lr": 0.004, "ldm.steps": 3})
+    assert s.parse_variant("default:") == ("default", {})
+    with pytest.raises(SystemExit, match="name:key=value"):
+        s.parse_variant("ldm.lr=0.004")
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load((ROOT / "tests/tiny_params.yaml").read_text()))
+    g = torch.Generator().manual_seed(0)
+    z, zt = torch.randn(64, 4, 4, 4, generator=g), torch.randn(20, 4, 4, 4, generator=g)
+    y, yt = torch.arange(64) % 10, torch.arange(20) % 10
+    r = s.run_variant(params, {"ldm.steps": 2}, z, y, zt, yt, seed=0)
+    assert r["steps"] == 2 and r["examples"] == 2 * r["batch_size"]
+    assert r["label_gain"] == pytest.approx(r["heldout_loss_null"] - r["heldout_loss"])
+    assert r["heldout_loss"] != r["heldout_loss_null"]  # the null class is a different input
