@@ -24,7 +24,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from dpldm.config import load_all, with_overrides
+from dpldm.config import load_all, load_section, with_overrides
 from dpldm.models import build_ldm
 from dpldm.training import LDMPretraining, heldout_loss
 
@@ -42,8 +42,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def run_variant(params: dict, overrides: dict, z, y, zt, yt, seed: int) -> dict:
-    c = load_all(with_overrides(params, overrides))
-    cfg = c["ldm"]
+    cfg = load_section(with_overrides(params, overrides), "ldm")
     torch.manual_seed(seed)
     model = build_ldm(cfg, latent_channels=z.shape[1], latent_size=z.shape[2])
     tr = LDMPretraining(model, cfg, z=z, y=y, seed=seed)

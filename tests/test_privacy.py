@@ -63,6 +63,14 @@ def dp_clipped_sum(model, b, k, clip, seed=0, tile=False):
     return {n: p.summed_grad for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_same_clipped_sums(got, want, names):
+    """float64 sums from opacus and from explicit autograd: equal up to summation order."""
+    assert set(got) == set(names)
+    for n in names:
+        assert got[n].dtype == torch.float64
+        torch.testing.assert_close(got[n], want[n], rtol=1e-7, atol=1e-12)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_per_example_clipped_gradients_match_explicit_autograd(k):
     model = tiny_model(dtype=torch.float64)  # float64: the two sums differ only by summation order
@@ -71,10 +79,7 @@ def test_per_example_clipped_gradients_match_explicit_autograd(k):
     clip = 1e-3  # small enough that every example is clipped: norms must be per example, after K-averaging
     got = dp_clipped_sum(model, b=4, k=k, clip=clip)
     want = explicit_clipped_sum(ref_model, names, b=4, k=k, clip=clip)
-    assert set(got) == set(names)
-    for n in names:
-        assert got[n].dtype == torch.float64
-        torch.testing.assert_close(got[n], want[n], rtol=1e-7, atol=1e-12)
+    assert_same_clipped_sums(got, want, names)
 
 
 def test_tiled_rows_would_break_the_equivalence():
