@@ -138,3 +138,32 @@ def test_pretraining_sweep_reports_what_the_label_buys_on_public_latents():
     assert r["steps"] == 2 and r["examples"] == 2 * r["batch_size"]
     assert r["label_gain"] == pytest.approx(r["heldout_loss_null"] - r["heldout_loss"])
     assert r["heldout_loss"] != r["heldout_loss_null"]  # the null class is a different input
+
+
+def test_finetune_sweep_runs_only_on_a_public_proxy_and_its_seeded_variants_are_comparable(tmp_path):
+    import torch
+    import yaml
+
+    from dpldm.config import load_section, to_dict
+    from dpldm.models import build_ldm
+    from helpers import ROOT, merge
+    from stages.common import save_model
+
+    s = _benchmark("finetune_sweep")
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load((ROOT / "tests/tiny_params.yaml").read_text()))
+    with pytest.raises(SystemExit, match="public proxy"):
+        s.check_public(params)  # the embedded default's private set: refused
+    assert s.check_public(merge(params, {"data": {"private": {"source": "digits8x8"}}})) == "digits8x8"
+    cfg = load_section(params, "ldm")
+    torch.manual_seed(0)
+    model = build_ldm(cfg, latent_channels=4, latent_size=4)
+    save_model(tmp_path / "ldm", state_dict=model.state_dict(), config=to_dict(cfg), extra={"latent_shape": [4, 4, 4]})
+    g = torch.Generator().manual_seed(0)
+    z, zt = torch.randn(120, 4, 4, 4, generator=g), torch.randn(20, 4, 4, 4, generator=g)
+    y, yt = torch.arange(120) % 10, torch.arange(20) % 10
+    over = {"finetune.epochs": 1, "finetune.batch_size": 40, "finetune.physical_batch_size": 40}
+    a, b = (s.run_variant(params, over, str(tmp_path / "ldm"), z, y, zt, yt, seed=3) for _ in range(2))
+    assert a["private"] and 0 < a["epsilon"] <= 10 and a["noise_multiplier"] > 0 and a["steps"] == 3
+    assert a["heldout_loss"] == b["heldout_loss"]  # seeded noise: the same variant gives the same model
+    c = s.run_variant(params, {**over, "finetune.private": False}, str(tmp_path / "ldm"), z, y, zt, yt, seed=3)
+    assert not c["private"] and c["epsilon"] == float("inf") and c["heldout_loss"] != a["heldout_loss"]

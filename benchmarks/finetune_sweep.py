@@ -1,0 +1,125 @@
+"""DP fine-tuning variants (batch size, learning rate, epochs, ...) judged on a *public proxy* only
+(invariant 7): each variant runs dp_finetune's own loop (``dpldm.finetune``) from the pretrained LDM on the
+proxy's train latents and reports the eps-loss of its EMA model on the proxy's held-out latents, with the
+true labels and with the null class, the accountant's epsilon, the noise multiplier and the wall time.
+
+    python scripts/apply_profile.py benchmarks/profiles/public_proxy.yaml && make repro   # in a copy
+    python benchmarks/finetune_sweep.py --variant default: --variant q1/4:finetune.batch_size=350 \\
+        [--ldm models/ldm_public] [--latents data/latents/private.npz] [--out benchmarks/results/finetune_sweep]
+
+A variant is ``name:key=value,...`` (keys of params.yaml). The script refuses to run unless the workspace's
+``data.private.source`` is a public set (the proxy): a choice read off the real private data would sit
+outside the ledger. Its DP noise is seeded (``finetune.reproducible_noise``, one seed per repeat): nothing
+it trains is a DP release, and the variants see the same noise streams, which makes them comparable."""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from dpldm.config import load_all, load_section, with_overrides
+from dpldm.finetune import Finetuning, plan_finetune
+from dpldm.training import heldout_loss
+from stages.artifacts import load_ldm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pretrain_ldm_sweep import parse_variant  # noqa: E402
+from provenance import provenance  # noqa: E402
+
+PUBLIC_SOURCES = ("digits8x8", "fontdigits")  # bundled with scikit-learn / rendered from matplotlib's fonts
+
+
+def check_public(params: dict) -> str:
+    source = params["data"]["private"]["source"]
+    if source not in PUBLIC_SOURCES:
+        raise SystemExit(f"data.private.source is {source!r}: this sweep tunes choices, so it runs only on a public proxy "
+                         f"({', '.join(PUBLIC_SOURCES)}). Apply benchmarks/profiles/public_proxy.yaml in a copy of the repo "
+                         f"and run `make repro` there first (invariant 7).")
+    return source
+
+
+def run_variant(params: dict, overrides: dict, ldm_dir: str, z, y, zt, yt, seed: int) -> dict:
+    cfg = load_section(with_overrides(params, {**overrides, "finetune.reproducible_noise": True}), "finetune")
+    model, ldm_cfg, _ = load_ldm(ldm_dir)
+    selection, plan = plan_finetune(model, cfg, n=len(z))
+    ft = Finetuning(model, selection, plan, cfg, ldm_cfg, z=z, y=y, seed=seed)
+    t0 = time.perf_counter()
+    last = []
+    with tqdm(total=ft.total_steps, desc=str(overrides or "defaults"), mininterval=10) as bar:
+        for _ in range(ft.epochs):
+            last = ft.run_epoch(on_step=lambda: bar.update())
+    wall = time.perf_counter() - t0
+    eps = ft.epsilon()
+    ft.finish()
+    null = torch.full_like(yt, ldm_cfg.num_classes)
+    true_loss = heldout_loss(model, zt, yt, cfg=ldm_cfg)
+    return {"private": plan is not None, "epsilon": eps if eps is not None else float("inf"),
+            "noise_multiplier": plan.noise_multiplier if plan else 0.0, "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "epochs": ft.epochs, "steps": ft.steps, "K": cfg.noise_multiplicity,
+            "train_loss_last_epoch": float(np.mean(last)) if last else float("nan"), "heldout_loss": true_loss,
+            "heldout_loss_null": heldout_loss(model, zt, null, cfg=ldm_cfg), "wall_s": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ldm", default="models/ldm_public", help="pretrain_ldm's output (the public LDM)")
+    ap.add_argument("--latents", default="data/latents/private.npz", help="the proxy's latents (encode_private's output)")
+    ap.add_argument("--variant", action="append", required=True)
+    ap.add_argument("--repeats", type=int, default=1, help="runs per variant, each with its own noise seed")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results/finetune_sweep")
+    ap.add_argument("--step-figure", default="", help="that day's benchmarks/pretrain_step.py figure, for the provenance")
+    args = ap.parse_args()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    source = check_public(params)
+    torch.set_num_threads(load_all(params)["runtime"].threads or torch.get_num_threads())
+    data = np.load(args.latents)
+    z, y = torch.from_numpy(data["train_latents"]), torch.from_numpy(data["train_labels"]).long()
+    zt, yt = torch.from_numpy(data["test_latents"]), torch.from_numpy(data["test_labels"]).long()
+    rows = []
+    for text in args.variant:
+        name, over = parse_variant(text)
+        for rep in range(args.repeats):
+            r = {"variant": name, "overrides": ",".join(f"{k}={v}" for k, v in over.items()) or "(defaults)", "repeat": rep,
+                 **run_variant(params, over, args.ldm, z, y, zt, yt, args.seed + 1000 * rep)}
+            rows.append(r)
+            print({k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    df = {}
+    for r in rows:
+        df.setdefault(r["variant"], []).append(r)
+    lines = [provenance("finetune_sweep.py", None, started), "",
+             "# DP fine-tuning variants judged on a public proxy's held-out latents", "",
+             f"Proxy: `data.private.source: {source}`, {len(z)} train / {len(zt)} held-out latents, {torch.get_num_threads()} torch "
+             f"threads, seeded DP noise (not releases), {args.repeats} run(s) per variant. That day's "
+             f"`benchmarks/pretrain_step.py`: {args.step_figure or 'not given'}.", "",
+             "| variant | overrides | epsilon | sigma | batch x steps | held-out loss (EMA), mean (std) | with the null class | "
+             "train loss, last epoch | wall (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, rs in df.items():
+        h = np.array([r["heldout_loss"] for r in rs])
+        r = rs[0]
+        lines.append(f"| {name} | `{r['overrides']}` | {r['epsilon']:.2f} | {r['noise_multiplier']:.3f} | "
+                     f"{r['batch_size']} x {r['steps']} | {h.mean():.4f} ({h.std():.4f}) | "
+                     f"{np.mean([x['heldout_loss_null'] for x in rs]):.4f} | {np.mean([x['train_loss_last_epoch'] for x in rs]):.4f} | "
+                     f"{np.mean([x['wall_s'] for x in rs]):.0f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
