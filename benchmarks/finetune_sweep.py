@@ -14,7 +14,6 @@ it trains is a DP release, and the variants see the same noise streams, which ma
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import sys
 import time
@@ -31,7 +30,7 @@ from dpldm.training import heldout_loss
 from stages.artifacts import load_ldm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_ldm_sweep import parse_variant  # noqa: E402
+from pretrain_ldm_sweep import load_splits, overrides_label, parse_variant, write_rows  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 PUBLIC_SOURCES = ("digits8x8", "fontdigits")  # bundled with scikit-learn / rendered from matplotlib's fonts
@@ -82,23 +81,17 @@ def main() -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
     source = check_public(params)
     torch.set_num_threads(load_all(params)["runtime"].threads or torch.get_num_threads())
-    data = np.load(args.latents)
-    z, y = torch.from_numpy(data["train_latents"]), torch.from_numpy(data["train_labels"]).long()
-    zt, yt = torch.from_numpy(data["test_latents"]), torch.from_numpy(data["test_labels"]).long()
+    z, y, zt, yt = load_splits(args.latents)
     rows = []
     for text in args.variant:
         name, over = parse_variant(text)
         for rep in range(args.repeats):
-            r = {"variant": name, "overrides": ",".join(f"{k}={v}" for k, v in over.items()) or "(defaults)", "repeat": rep,
+            r = {"variant": name, "overrides": overrides_label(over), "repeat": rep,
                  **run_variant(params, over, args.ldm, z, y, zt, yt, args.seed + 1000 * rep)}
             rows.append(r)
             print({k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out, rows)
     df = {}
     for r in rows:
         df.setdefault(r["variant"], []).append(r)

@@ -41,6 +41,26 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, parse_assignments(rest) if rest else {}
 
 
+def overrides_label(over: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in over.items()) or "(defaults)"
+
+
+def load_splits(path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train latents, train labels, held-out latents, held-out labels) of an encode stage's .npz."""
+    data = np.load(path)
+    return (torch.from_numpy(data["train_latents"]), torch.from_numpy(data["train_labels"]).long(),
+            torch.from_numpy(data["test_latents"]), torch.from_numpy(data["test_labels"]).long())
+
+
+def write_rows(out: Path, rows: list[dict]) -> None:
+    """``out``.csv with one row per run (the folder is made if missing)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def run_variant(params: dict, overrides: dict, z, y, zt, yt, seed: int) -> dict:
     cfg = load_section(with_overrides(params, overrides), "ldm")
     torch.manual_seed(seed)
@@ -69,22 +89,16 @@ def main() -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     params = yaml.safe_load(Path("params.yaml").read_text())
     torch.set_num_threads(load_all(params)["runtime"].threads or torch.get_num_threads())
-    data = np.load(args.latents)
-    z, y = torch.from_numpy(data["train_latents"]), torch.from_numpy(data["train_labels"]).long()
-    zt, yt = torch.from_numpy(data["test_latents"]), torch.from_numpy(data["test_labels"]).long()
+    z, y, zt, yt = load_splits(args.latents)
     rows = []
     for text in args.variant:
         name, over = parse_variant(text)
-        r = {"variant": name, "overrides": ",".join(f"{k}={v}" for k, v in over.items()) or "(defaults)",
+        r = {"variant": name, "overrides": overrides_label(over),
              **run_variant(params, over, z, y, zt, yt, args.seed)}
         rows.append(r)
         print({k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out, rows)
     lines = [provenance("pretrain_ldm_sweep.py", None, started), "",
              "# Pretraining variants judged on the held-out public latents", "",
              f"{torch.get_num_threads()} torch threads, {len(z)} public train / {len(zt)} held-out latents, seed {args.seed}. "

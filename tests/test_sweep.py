@@ -141,6 +141,7 @@ def test_pretraining_sweep_reports_what_the_label_buys_on_public_latents():
 
 
 def test_finetune_sweep_runs_only_on_a_public_proxy_and_its_seeded_variants_are_comparable(tmp_path):
+    import numpy as np
     import torch
     import yaml
 
@@ -167,3 +168,7 @@ def test_finetune_sweep_runs_only_on_a_public_proxy_and_its_seeded_variants_are_
     assert a["heldout_loss"] == b["heldout_loss"]  # seeded noise: the same variant gives the same model
     c = s.run_variant(params, {**over, "finetune.private": False}, str(tmp_path / "ldm"), z, y, zt, yt, seed=3)
     assert not c["private"] and c["epsilon"] == float("inf") and c["heldout_loss"] != a["heldout_loss"]
+    s.write_rows(tmp_path / "out" / "sweep", [a, c])  # the CSV the script writes: one row per run
+    assert list(pd.read_csv(tmp_path / "out" / "sweep.csv")["private"]) == [True, False]
+    np.savez(tmp_path / "l.npz", train_latents=z.numpy(), train_labels=y.numpy(), test_latents=zt.numpy(), test_labels=yt.numpy())
+    assert all(torch.equal(u, v) for u, v in zip(s.load_splits(str(tmp_path / "l.npz")), (z, y, zt, yt), strict=True))
