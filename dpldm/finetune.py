@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, TensorDataset
 
 from .config import FinetuneConfig, LDMConfig, to_dict
@@ -24,6 +23,7 @@ from .ledger import SEEDED_NOISE, SECRET_NOISE, Ledger, release_of
 from .models import ConditionalUNet, merge_lora
 from .privacy import (DPPlan, Selection, accountant_epsilon, dp_generators, make_private, plan_dp, select_trainable, steps_per_epoch_of,
                       train_epoch, validate_plan_inputs)
+from .training import make_ema
 
 
 def plan_finetune(model: ConditionalUNet, cfg: FinetuneConfig, *, n: int) -> tuple[Selection, DPPlan | None]:
@@ -67,7 +67,7 @@ class Finetuning:
         self.scheduler = make_scheduler(ldm_cfg)
         model.to(device)
         params = list(selection.params)
-        self.ema = EMAModel(params, decay=cfg.ema_decay)  # before opacus wraps the model (no hooks on the copy)
+        self.ema = make_ema(params, cfg.ema_decay)  # before opacus wraps the model (no hooks on the copy)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0) if params else None
         self.g_loss = torch.Generator().manual_seed(seed + 1)
         # without DP the sampling generator only shuffles: seeded

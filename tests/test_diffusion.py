@@ -51,3 +51,20 @@ def test_eps_loss_k_average_equals_mean_of_rows():
     z0, y = torch.randn(3, 2, 2, 2), torch.tensor([0, 1, 2])
     per_example = eps_loss(model, z0, y, scheduler=s, generator=torch.Generator().manual_seed(0), k=4)
     assert per_example.shape == (3,)
+
+
+def test_ema_is_the_running_mean_then_reaches_the_configured_decay():
+    from dpldm.training import make_ema
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = make_ema([p], 0.9)
+    iterates = [torch.full((3,), float(v)) for v in (4.0, -2.0, 7.0, 1.0, 3.0, 5.0, -1.0, 2.0, 6.0, 0.0)]
+    for i, v in enumerate(iterates):  # the first 1 / (1 - 0.9) = 10 steps: the exact mean of the iterates
+        p.data.copy_(v)
+        ema.step([p])
+        assert torch.allclose(ema.shadow_params[0], torch.stack(iterates[: i + 1]).mean(0), atol=1e-6)
+    assert ema.get_decay(11) == 0.9 and ema.get_decay(10_000) == 0.9  # then the configured decay, never a lower cap
+    before = ema.shadow_params[0].clone()
+    p.data.fill_(10.0)
+    ema.step([p])
+    assert torch.allclose(ema.shadow_params[0], 0.9 * before + 0.1 * 10.0)
