@@ -19,9 +19,9 @@ def make_ema(parameters, decay: float) -> EMAModel:
     """diffusers' EMA whose decay really reaches ``decay``: the exact mean of the iterates while fewer than
     ``1 / (1 - decay)`` steps have passed, then the exponential average at ``decay``.
 
-    diffusers' default warm-up caps the decay at ``(1 + n) / (10 + n)`` after n steps (0.973 after 320, 0.987
-    after 700): a configured 0.99 or 0.995 was never reached and every value above that cap trained the same
-    model. The inverse-gamma warm-up with gamma = 1 and power = 1 gives ``1 - 1 / n``, capped at ``decay``."""
+    diffusers' default warm-up caps the decay at ``n / (n + 9)`` after n steps (0.973 after 320, 0.987
+    after 700): a configured 0.99 or 0.995 was never reached, and every value above that cap gave the
+    same EMA weights. The inverse-gamma warm-up with gamma = 1 and power = 1 gives ``1 - 1 / n``, capped at ``decay``."""
     return EMAModel(parameters, decay=decay, use_ema_warmup=True, inv_gamma=1.0, power=1.0)
 
 
