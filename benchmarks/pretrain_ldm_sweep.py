@@ -27,6 +27,7 @@ from tqdm import tqdm
 from dpldm.config import load_all, load_section, with_overrides
 from dpldm.models import build_ldm
 from dpldm.training import LDMPretraining, heldout_loss
+from stages.common import load_latents
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance  # noqa: E402
@@ -47,9 +48,7 @@ def overrides_label(over: dict) -> str:
 
 def load_splits(path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(train latents, train labels, held-out latents, held-out labels) of an encode stage's .npz."""
-    data = np.load(path)
-    return (torch.from_numpy(data["train_latents"]), torch.from_numpy(data["train_labels"]).long(),
-            torch.from_numpy(data["test_latents"]), torch.from_numpy(data["test_labels"]).long())
+    return (*load_latents(path), *load_latents(path, "test"))
 
 
 def write_rows(out: Path, rows: list[dict]) -> None:

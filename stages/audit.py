@@ -23,7 +23,7 @@ from dpldm.diffusion import make_scheduler
 from dpldm.finetune import Finetuning, plan_finetune
 from dpldm.privacy import PrivacyConfigError, epsilon_of
 from stages.artifacts import load_ldm
-from stages.common import ConfigError, live, npz_rows, progress, setup_runtime, stage_main
+from stages.common import ConfigError, live, load_latents, npz_rows, progress, setup_runtime, stage_main
 
 INPUTS = ("ldm", "latents", "released")
 OUTPUTS = ("live",)
@@ -36,8 +36,7 @@ def white_box(cfg: FinetuneConfig, acfg: AuditConfig, inputs: dict, *, seed: int
     except PrivacyConfigError as err:
         raise ConfigError(str(err)) from None
     plan = dataclasses.replace(plan, epochs=acfg.epochs)  # the same sigma, rate and clip; fewer steps
-    data = np.load(inputs["latents"])
-    z, y = torch.from_numpy(data["train_latents"]), torch.from_numpy(data["train_labels"]).long()
+    z, y = load_latents(inputs["latents"])
     ft = Finetuning(model, selection, plan, cfg, ldm_cfg, z=z, y=y, seed=seed, device=device)
     canaries = GradientCanaries(list(selection.params), m=acfg.canaries, sample_rate=plan.sample_rate, k=cfg.noise_multiplicity,
                                 raw_norm=acfg.canary_norm_factor * cfg.clip_norm,

@@ -252,6 +252,14 @@ def npz_rows(path, key: str) -> int:
     return int(shape[0])
 
 
+def load_latents(path, split: str = "train"):
+    """(latents, labels) of one split of an encode stage's .npz, as torch tensors (int64 labels)."""
+    import torch  # not at the top: the image stages import this module without needing torch
+
+    data = np.load(path)
+    return torch.from_numpy(data[f"{split}_latents"]), torch.from_numpy(data[f"{split}_labels"]).long()
+
+
 def save_npz(path, **arrays) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:

@@ -17,14 +17,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dpldm.config import load_section, to_dict
 from dpldm.finetune import Finetuning, new_ledger, plan_finetune
 from dpldm.ledger import ATTEMPTS, complete, new_attempt, uses_of
 from dpldm.privacy import PrivacyConfigError
 from stages.artifacts import load_ldm
-from stages.common import (Checkpoint, ConfigError, file_sha, live, npz_rows, progress, read_json, save_model, setup_runtime,
+from stages.common import (Checkpoint, ConfigError, file_sha, live, load_latents, npz_rows, progress, read_json, save_model, setup_runtime,
                            stage_main, write_json)
 
 INPUTS = ("ldm", "latents")
@@ -49,8 +48,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
               f"q={plan.sample_rate:.5f}, {plan.steps} steps ({cfg.accountant})")
 
     # --- private data from here on -------------------------------------------------------------
-    data = np.load(inputs["latents"])
-    z, y = torch.from_numpy(data["train_latents"]), torch.from_numpy(data["train_labels"]).long()
+    z, y = load_latents(inputs["latents"])
     ft = Finetuning(model, selection, plan, cfg, ldm_cfg, z=z, y=y, seed=seed, device=device)
 
     # --- resume, or a new attempt (which spends budget) -----------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from dpldm.config import load_section, to_dict
 from dpldm.models import ConditionalUNet, attention_modules, build_ldm
 from dpldm.training import LDMPretraining, heldout_loss
-from stages.common import Checkpoint, file_sha, live, progress, save_model, setup_runtime, stage_main
+from stages.common import Checkpoint, file_sha, live, load_latents, progress, save_model, setup_runtime, stage_main
 
 INPUTS = ("latents",)
 OUTPUTS = ("model", "live")
@@ -33,8 +33,7 @@ def _from_pretrained(model: ConditionalUNet, path: Path) -> None:
 def run(params: dict, inputs: dict, outputs: dict) -> dict:
     cfg = load_section(params, "ldm")
     device, seed = setup_runtime(params, stage="pretrain_ldm")
-    data = np.load(inputs["latents"])
-    z, y = torch.from_numpy(data["train_latents"]), torch.from_numpy(data["train_labels"]).long()
+    z, y = load_latents(inputs["latents"])
     shape = tuple(z.shape[1:])
     model = build_ldm(cfg, latent_channels=shape[0], latent_size=shape[1])
     if cfg.pretrained_path:
@@ -64,7 +63,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
                     raise SystemExit(f"pretrain_ldm: stopped after step {step} (DPLDM_STOP_AFTER_STEP)")
         bar.close()
         model = tr.finish()
-        zt, yt = torch.from_numpy(data["test_latents"]), torch.from_numpy(data["test_labels"]).long()
+        zt, yt = load_latents(inputs["latents"], "test")
         mods = attention_modules(model)
         metrics = {"steps": cfg.steps, "final_train_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
                    "test_loss_ema": heldout_loss(model, zt, yt, cfg=cfg, device=device),  # held-out public loss, EMA model
