@@ -52,8 +52,9 @@ def aggregate(df: pd.DataFrame, row_of: dict, real: dict) -> pd.DataFrame:
     """One line per row of the table from the per-experiment comparison ``df``."""
     df = df[df["experiment"].isin(row_of)].copy()
     df["row"] = df["experiment"].map(row_of)
-    for col in ("cnn_accuracy", "cnn_accuracy_std", "fid_domain", "epsilon_spent", "mlp_accuracy", "logreg_accuracy"):
-        df[col] = df[col].map(_num)
+    for col in ("cnn_accuracy", "cnn_accuracy_std", "fid_domain", "label_consistency", "epsilon_spent", "mlp_accuracy",
+                "logreg_accuracy"):
+        df[col] = df[col].map(_num) if col in df else float("nan")
     out = []
     for row in dict.fromkeys(row_of.values()):  # in the order of the settings
         part = df[df["row"] == row]
@@ -67,6 +68,7 @@ def aggregate(df: pd.DataFrame, row_of: dict, real: dict) -> pd.DataFrame:
             "CNN std within a run": f"{100 * part['cnn_accuracy_std'].mean():.1f}",
             "MLP %": f"{100 * part['mlp_accuracy'].mean():.1f}", "logreg %": f"{100 * part['logreg_accuracy'].mean():.1f}",
             "fid_domain": f"{part['fid_domain'].mean():.1f}",
+            "label consistency": f"{part['label_consistency'].mean():.2f}" if part["label_consistency"].notna().any() else "-",
             "experiments": " ".join(part["experiment"]),
         })
     if real:
@@ -74,7 +76,7 @@ def aggregate(df: pd.DataFrame, row_of: dict, real: dict) -> pd.DataFrame:
                     "CNN accuracy %": f"{100 * real['real_cnn_accuracy']:.1f}",
                     "CNN std within a run": f"{100 * real.get('real_cnn_accuracy_std', float('nan')):.1f}",
                     "MLP %": f"{100 * real['real_mlp_accuracy']:.1f}", "logreg %": f"{100 * real['real_logreg_accuracy']:.1f}",
-                    "fid_domain": "-", "experiments": "reference stage"})
+                    "fid_domain": "-", "label consistency": "-", "experiments": "reference stage"})
     return pd.DataFrame(out)
 
 

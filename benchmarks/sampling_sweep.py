@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpldm.config import load_section  # noqa: E402
 from dpldm.diffusion import make_scheduler  # noqa: E402
-from dpldm.metrics import SmallCNN, fidelity, predict, register_domain_extractor, train_cnn  # noqa: E402
+from dpldm.metrics import SmallCNN, fidelity, label_consistency, predict, register_domain_extractor, train_cnn  # noqa: E402
 from stages.classify import split_validation  # noqa: E402
 from stages.common import load_model_files, read_images, read_params  # noqa: E402
 from dpldm.sampling import generate  # noqa: E402
@@ -100,7 +100,7 @@ def main() -> None:
                           latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler, steps=s["steps"], eta=s["eta"],
                           guidance_scale=s["w"], batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed))
         seconds = time.time() - t0
-        consistency = float((predict(cnn, images) == labels.numpy()).mean())
+        consistency = label_consistency(cnn, images, labels.numpy())["label_consistency"]
         fid = fidelity(images, real, extractor=extractor, tag="domain", kid_subset_size=min(1000, len(images)))
         tstr = float("nan")
         if args.tstr:

@@ -64,6 +64,16 @@ def predict(model: nn.Module, images: np.ndarray, *, batch_size: int = 1000) -> 
     return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
 
 
+def label_consistency(classifier: nn.Module, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """How well samples look like their class: the share of synthetic images that ``classifier`` (trained on
+    real data) assigns to their conditioning label, over all images and for the worst class."""
+    if len(images) == 0:
+        raise ValueError("label_consistency: no images to score")
+    hits = predict(classifier, images) == np.asarray(labels)
+    per_class = [float(hits[labels == c].mean()) for c in np.unique(labels)]
+    return {"label_consistency": float(hits.mean()), "label_consistency_min_class": min(per_class)}
+
+
 def train_cnn(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *, num_classes: int,
               epochs: int, batch_size: int, lr: float, seed: int, progress=None) -> FitResult:
     """Adam on the train split; keeps the epoch with the best accuracy on the given validation split."""

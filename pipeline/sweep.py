@@ -31,7 +31,8 @@ TARGETS = ("score_fid", "score_classifier")  # what an experiment reproduces; th
 COLUMNS = {  # table column -> dvc exp show column (metrics file:key, or params key); "ledger:" = the ledger's file
     "epsilon_target": "finetune.epsilon", "layers": "finetune.layers", "mode": "finetune.mode",
     "lora_rank": "finetune.lora.rank", **{key: "ledger:" + key for key in Ledger.SWEEP},
-    "fid_domain": "fid_domain", "kid_domain_mean": "kid_domain_mean", "cnn_accuracy": "cnn_accuracy",
+    "fid_domain": "fid_domain", "kid_domain_mean": "kid_domain_mean", "label_consistency": "label_consistency",
+    "cnn_accuracy": "cnn_accuracy",
     "cnn_accuracy_std": "cnn_accuracy_std",
     "mlp_accuracy": "mlp_accuracy", "logreg_accuracy": "logreg_accuracy",
 }

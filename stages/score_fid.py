@@ -1,12 +1,13 @@
 """Stage score_fid: FID and KID of the samples against the real *private train* split, with the
-extractor named in params (``domain`` by default, or torch-fidelity's Inception from a local file)."""
+extractor named in params (``domain`` by default, or torch-fidelity's Inception from a local file), and
+the samples' label consistency: the share that the reference stage's CNN assigns to their conditioning class."""
 from __future__ import annotations
 
 from pathlib import Path
 
 
 from dpldm.config import load_section
-from dpldm.metrics import INCEPTION_WEIGHTS_FILE, content_hash, fidelity, register_domain_extractor
+from dpldm.metrics import INCEPTION_WEIGHTS_FILE, SmallCNN, content_hash, fidelity, label_consistency, register_domain_extractor
 from stages.common import ConfigError, log_live_metrics, load_model_files, read_images, release_stamp, setup_runtime, stage_main
 
 INPUTS = ("samples", "private", "extractor")
@@ -30,10 +31,10 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     cfg = load_section(params, "fid")
     device, _ = setup_runtime(params, stage=None)
     weights = inception_weights(cfg) if cfg.extractor == "inception-v3-compat" else None
-    synth, _, synth_meta = read_images(inputs["samples"])
+    synth, synth_y, synth_meta = read_images(inputs["samples"])
     real, real_y, _ = read_images(inputs["private"], split="train")
+    state, conf = load_model_files(inputs["extractor"])  # the reference stage's CNN, trained on the private train split
     if cfg.extractor == "domain":
-        state, conf = load_model_files(inputs["extractor"])
         name = register_domain_extractor(state, channels=conf["channels"], image_size=conf["image_size"], num_classes=conf["num_classes"])
         tag = "domain"
     else:
@@ -42,6 +43,9 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     metrics = fidelity(synth, real, extractor=name, tag=tag, kid_subset_size=cfg.kid_subset_size,
                        precision_recall=cfg.precision_recall, cuda=device.type == "cuda", weights_path=weights,
                        cache_root=outputs["cache"], real_cache_name=f"private-train-{content_hash(real, real_y)}-{name}")
+    classifier = SmallCNN(channels=conf["channels"], image_size=conf["image_size"], num_classes=conf["num_classes"])
+    classifier.load_state_dict(state)
+    metrics.update(label_consistency(classifier, synth, synth_y))  # the reference CNN's label agreement with the conditioning
     metrics["fid_reference"] = "private train split"
     metrics["release"] = release_stamp(synth_meta)["release"]
     log_live_metrics(outputs["live"], metrics)

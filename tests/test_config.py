@@ -1,7 +1,7 @@
 import pytest
 
 from dpldm.config import ConfigError, load_all, load_section
-from helpers import params
+from helpers import ROOT, params
 
 
 def test_params_yaml_loads_and_matches_defaults_types():
@@ -96,3 +96,28 @@ def test_overrides_write_into_a_copy_and_unknown_keys_are_named():
     for bad in ("finetune.epsilom", "finetune.lora.rank.x", "fine.epsilon"):
         with pytest.raises(ConfigError, match=bad.replace(".", r"\.")):
             with_overrides(params, {bad: 1})
+
+
+PROFILES = sorted(p.name for p in (ROOT / "benchmarks" / "profiles").glob("*.yaml")) + ["../../tests/tiny_params.yaml"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_applies_to_params_yaml_and_validates(profile, tmp_path):
+    """The profiles the README and docs tell people to apply: scripts/apply_profile.py accepts each (no key
+    outside params.yaml) and the merged params pass every section's validation."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "apply_profile.py"), str(ROOT / "benchmarks" / "profiles" / profile),
+                    "--params", str(tmp_path / "params.yaml")], check=True)
+    merged = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    over = yaml.safe_load((ROOT / "benchmarks" / "profiles" / profile).read_text())
+    load_all(merged)
+    for section, values in over.items():  # what the profile sets is what the merged params hold
+        for key, value in values.items():
+            assert merged[section][key] == value if not isinstance(value, dict) else all(
+                merged[section][key][k] == v for k, v in value.items() if not isinstance(v, dict))

@@ -80,3 +80,22 @@ def test_classifier_selection_never_reads_the_real_test_split():
         classify.train_cnn, classify.fit_sklearn = real_train, real_fit
     assert events == ["cnn", "cnn", "mlp", "logreg", "test"]
     assert 0 <= metrics["cnn_accuracy"] <= 1 and cm.sum() == 50
+
+
+def test_label_consistency_counts_the_classifier_agreeing_with_the_conditioning_labels():
+    from dpldm.metrics import label_consistency
+
+    class ByBrightness(torch.nn.Module):  # predicts class c for an image of constant grey level 20 c
+        def forward(self, x):
+            level = (x.mean((1, 2, 3)) + 1) * 127.5
+            return -(level[:, None] - 20 * torch.arange(10.0)[None]).abs()
+
+    classes = np.repeat(np.arange(10), 5)
+    images = np.broadcast_to((20 * classes).astype(np.uint8)[:, None, None, None], (50, 8, 8, 1)).copy()
+    labels = classes.copy()
+    labels[[0, 1, 2, 7]] = 9  # three images of class 0 and one of class 1 conditioned on the wrong label
+    out = label_consistency(ByBrightness(), images, labels)
+    assert out["label_consistency"] == pytest.approx(46 / 50)
+    assert out["label_consistency_min_class"] == pytest.approx(5 / 9)  # label 9: its 5 images and 4 wrongly labelled
+    with pytest.raises(ValueError, match="no images"):
+        label_consistency(ByBrightness(), images[:0], labels[:0])

@@ -102,6 +102,8 @@ def test_ledger_is_the_accountants_and_within_budget(tiny_pipeline):
     metrics = run(["dvc", "metrics", "show", "--json"], tiny_pipeline).stdout
     assert "epsilon_spent" in metrics and "fid_domain" in metrics and "cnn_accuracy" in metrics
     assert "whitebox_epsilon_lower_bound" in metrics and "membership_auc" in metrics
+    fid = json.loads((tiny_pipeline / "dvclive/score_fid/metrics.json").read_text())
+    assert 0 <= fid["label_consistency_min_class"] <= fid["label_consistency"] <= 1
 
 
 def test_audit_stage_reports_a_bound_below_the_claim(tiny_pipeline, harness):

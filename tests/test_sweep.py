@@ -94,15 +94,19 @@ def test_quality_table_gives_each_epsilon_independent_runs_and_averages_over_the
     assert len(eps10) == 3 and len({s["runtime.seeds.dp_finetune"] for s in eps10}) == 3  # params differ: DVC runs each
     assert all(s["sample.per_class"] == 20 and s["finetune.epsilon"] == 10 for s in eps10)
     base = {"experiment": "", "cnn_accuracy_std": 0.01, "mlp_accuracy": 0.5, "logreg_accuracy": 0.4, "fid_domain": 100.0}
-    runs = [{**base, "experiment": n, "cnn_accuracy": a, "epsilon_spent": e}
-            for n, a, e in [("q-eps10-run1", 0.80, 9.99), ("q-eps10-run2", 0.90, 9.99), ("q-eps10-run3", "!", "!"),
-                            ("q-public-only", 0.6, None), ("other", 0.1, 1.0)]]
+    runs = [{**base, "experiment": n, "cnn_accuracy": a, "epsilon_spent": e, "label_consistency": c}
+            for n, a, e, c in [("q-eps10-run1", 0.80, 9.99, 0.7), ("q-eps10-run2", 0.90, 9.99, 0.8), ("q-eps10-run3", "!", "!", "!"),
+                               ("q-public-only", 0.6, None, None), ("other", 0.1, 1.0, 0.1)]]
     row_of = {n: row for n, row, _ in grid}
     t = q.aggregate(pd.DataFrame(runs), row_of, {"real_cnn_accuracy": 0.96, "real_cnn_accuracy_std": 0.002,
                                                    "real_mlp_accuracy": 0.93, "real_logreg_accuracy": 0.9}).set_index("setting")
     # a run without scores ("!") is shown as missing, not averaged; the std is over runs, not over CNN seeds
     assert t.loc["epsilon 10", "runs"] == "2 of 3" and t.loc["epsilon 10", "CNN accuracy %"] == "85.0 ± 7.1"
     assert t.loc["public-only", "epsilon spent"] == "-" and t.loc["public-only", "CNN accuracy %"] == "60.0"
+    assert t.loc["epsilon 10", "label consistency"] == "0.75" and t.loc["public-only", "label consistency"] == "-"
+    # a table from runs that predate the metric (no such column in dvc exp show) still builds
+    assert q.aggregate(pd.DataFrame(runs).drop(columns="label_consistency"), row_of, {}).set_index("setting").loc[
+        "epsilon 10", "label consistency"] == "-"
     assert t.loc["real private train data", "CNN accuracy %"] == "96.0" and "other" not in t["experiments"].str.cat()
     assert list(t.index) == ["public-only", "epsilon 10", "real private train data"]
 
