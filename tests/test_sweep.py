@@ -176,3 +176,15 @@ def test_finetune_sweep_runs_only_on_a_public_proxy_and_its_seeded_variants_are_
     assert list(pd.read_csv(tmp_path / "out" / "sweep.csv")["private"]) == [True, False]
     np.savez(tmp_path / "l.npz", train_latents=z.numpy(), train_labels=y.numpy(), test_latents=zt.numpy(), test_labels=yt.numpy())
     assert all(torch.equal(u, v) for u, v in zip(s.load_splits(str(tmp_path / "l.npz")), (z, y, zt, yt), strict=True))
+
+
+def test_coverage_cuts_every_set_to_the_same_stratified_size():
+    import numpy as np
+
+    c = _benchmark("coverage")
+    labels = np.array([0, 1, 0, 1, 0, 1, 2, 2, 2, 0])
+    images = np.arange(len(labels))[:, None, None, None].astype(np.uint8)
+    x, y = c.stratified(images, labels, 6)
+    assert list(y) == [0, 0, 1, 1, 2, 2] and list(x[:, 0, 0, 0]) == [0, 2, 1, 3, 6, 7]  # the first two of each class
+    with pytest.raises(SystemExit, match=r"classes \[1, 2\] have fewer"):
+        c.stratified(images, labels, 12)  # 4 per class: classes 1 and 2 hold only 3
