@@ -49,8 +49,7 @@ def main(argv=None) -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     state, conf = load_model_files(args.extractor)
     name = register_domain_extractor(state, channels=conf["channels"], image_size=conf["image_size"], num_classes=conf["num_classes"])
-    cnn = SmallCNN(channels=conf["channels"], image_size=conf["image_size"], num_classes=conf["num_classes"])
-    cnn.load_state_dict(state)
+    cnn = SmallCNN.from_state_dict(state, conf)
     real, _, _ = read_images(args.private, split="train")
     sets = [("real test split", *read_images(args.private, split="test")[:2])]
     sets += [(path, *read_images(path)[:2]) for path in args.samples]

@@ -85,8 +85,7 @@ def main() -> None:
     ae, ae_conf = load_autoencoder(args.ae)
     scheduler = make_scheduler(ldm_cfg)
     state, ext_conf = load_model_files(args.extractor)
-    cnn = SmallCNN(channels=ext_conf["channels"], image_size=ext_conf["image_size"], num_classes=ext_conf["num_classes"])
-    cnn.load_state_dict(state)
+    cnn = SmallCNN.from_state_dict(state, ext_conf)
     extractor = register_domain_extractor(state, channels=ext_conf["channels"], image_size=ext_conf["image_size"],
                                           num_classes=ext_conf["num_classes"])
     real, real_y, _ = read_images(args.private, split="train")

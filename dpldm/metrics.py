@@ -43,6 +43,13 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, H, W] in [-1, 1]
         return self.head(self.dropout(self.features(x)))
 
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, conf: dict) -> SmallCNN:
+        """The CNN saved with ``conf`` (its ``channels``, ``image_size``, ``num_classes``), weights loaded."""
+        model = cls(channels=conf["channels"], image_size=conf["image_size"], num_classes=conf["num_classes"])
+        model.load_state_dict(state_dict)
+        return model
+
 
 def uint8_to_input(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W, C] -> float [N, C, H, W] in [-1, 1]."""

@@ -43,9 +43,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     metrics = fidelity(synth, real, extractor=name, tag=tag, kid_subset_size=cfg.kid_subset_size,
                        precision_recall=cfg.precision_recall, cuda=device.type == "cuda", weights_path=weights,
                        cache_root=outputs["cache"], real_cache_name=f"private-train-{content_hash(real, real_y)}-{name}")
-    classifier = SmallCNN(channels=conf["channels"], image_size=conf["image_size"], num_classes=conf["num_classes"])
-    classifier.load_state_dict(state)
-    metrics.update(label_consistency(classifier, synth, synth_y))  # the reference CNN's label agreement with the conditioning
+    metrics.update(label_consistency(SmallCNN.from_state_dict(state, conf), synth, synth_y))  # do samples look like their label?
     metrics["fid_reference"] = "private train split"
     metrics["release"] = release_stamp(synth_meta)["release"]
     log_live_metrics(outputs["live"], metrics)

@@ -99,3 +99,13 @@ def test_label_consistency_counts_the_classifier_agreeing_with_the_conditioning_
     assert out["label_consistency_min_class"] == pytest.approx(5 / 9)  # label 9: its 5 images and 4 wrongly labelled
     with pytest.raises(ValueError, match="no images"):
         label_consistency(ByBrightness(), images[:0], labels[:0])
+
+
+def test_small_cnn_from_state_dict_rebuilds_the_saved_network():
+    torch.manual_seed(0)
+    saved = SmallCNN(channels=1, image_size=16, num_classes=10).eval()
+    again = SmallCNN.from_state_dict(saved.state_dict(), {"channels": 1, "image_size": 16, "num_classes": 10}).eval()
+    x = torch.randn(4, 1, 16, 16)
+    assert torch.equal(saved(x), again(x))
+    with pytest.raises(RuntimeError):  # a conf that does not match the weights is refused, not silently reshaped
+        SmallCNN.from_state_dict(saved.state_dict(), {"channels": 1, "image_size": 32, "num_classes": 10})
