@@ -76,7 +76,8 @@ def label_consistency(classifier: nn.Module, images: np.ndarray, labels: np.ndar
     real data) assigns to their conditioning label, over all images and for the worst class."""
     if len(images) == 0:
         raise ValueError("label_consistency: no images to score")
-    hits = predict(classifier, images) == np.asarray(labels)
+    labels = np.asarray(labels)
+    hits = predict(classifier, images) == labels
     per_class = [float(hits[labels == c].mean()) for c in np.unique(labels)]
     return {"label_consistency": float(hits.mean()), "label_consistency_min_class": min(per_class)}
 
