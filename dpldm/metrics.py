@@ -220,7 +220,10 @@ def fidelity(synthetic: np.ndarray, real: np.ndarray, *, extractor: str, tag: st
     that say which extractor produced them: ``fid_<tag>``, ``kid_<tag>_mean``, ... (never a bare 'fid')."""
     kwargs = dict(input1=UInt8Images(synthetic), input2=UInt8Images(real), fid=True, kid=True, prc=precision_recall,
                   feature_extractor=extractor, kid_subset_size=min(kid_subset_size, len(synthetic), len(real)),
-                  cuda=cuda, verbose=False, batch_size=200)
+                  cuda=cuda, verbose=False, batch_size=200,
+                  # features in this process: torch-fidelity otherwise forks 4 DataLoader workers (on 2 cores, and
+                  # after other threads, e.g. a Prefect harness, a forked worker can die); the images are in memory
+                  save_cpu_ram=True)
     if extractor == "inception-v3-compat":
         kwargs["feature_extractor_weights_path"] = weights_path
     else:  # custom extractors declare their own feature layer

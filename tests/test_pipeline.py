@@ -127,6 +127,26 @@ def test_frozen_parameters_bit_identical_selected_changed(tiny_pipeline):
             assert torch.equal(before[name], after[name]), name
 
 
+def test_public_sampler_sweep_needs_nothing_but_public_artifacts(tiny_pipeline, tmp_path):
+    import shutil
+    import sys
+
+    # a folder holding only the public side: no private parquet, no fine-tuned model, no reference CNN
+    for rel in ("models/ldm_public", "models/ae"):
+        shutil.copytree(tiny_pipeline / rel, tmp_path / rel)
+    (tmp_path / "data/public").mkdir(parents=True)
+    shutil.copy(tiny_pipeline / "data/public/images.parquet", tmp_path / "data/public/images.parquet")
+    shutil.copy(tiny_pipeline / "params.yaml", tmp_path / "params.yaml")
+    out = tmp_path / "sweep.md"
+    p = run([sys.executable, str(ROOT / "benchmarks/sampling_sweep.py"), "--public", "--tstr", "--per-class", "4",
+             "--settings", "eta=1,steps=2,w=0", "eta=0,steps=3,w=1", "--threads", "1", "--out", str(out)], tmp_path)
+    rows = [ln.split("|")[1:-1] for ln in out.read_text().splitlines() if ln.startswith("| eta")]
+    assert [r[0].strip() for r in rows] == ["eta=1,steps=2,w=0", "eta=0,steps=3,w=1"], p.stdout
+    for r in rows:  # label consistency, precision, recall and the public-test accuracy are shares
+        assert all(0.0 <= float(r[i]) <= 1.0 for i in (1, 3, 4, 5)), r
+    assert "No private or proxy data read" in out.read_text()
+    assert not (tmp_path / "data/private").exists() and not (tmp_path / "models/ldm_private").exists()
+
 def test_changing_layers_or_private_data_marks_only_their_stages(tiny_pipeline):
     set_param(tiny_pipeline, "finetune.layers", [4, 7])
     assert dvc_stale(tiny_pipeline) == {"dp_finetune", "audit"}
