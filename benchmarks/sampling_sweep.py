@@ -64,6 +64,24 @@ def parse_setting(text: str) -> dict:
     return out
 
 
+def sample_setting(model, ae, labels: torch.Tensor, s: dict, *, ldm_cfg, conf: dict, ae_conf: dict, scheduler, args):
+    """(uint8 images, seconds) for one setting, always from the same seed."""
+    t0 = time.time()
+    images = generate(model, ae, labels, ldm_cfg=ldm_cfg, latent_shape=conf["latent_shape"],
+                      latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler, steps=s["steps"], eta=s["eta"],
+                      guidance_scale=s["w"], batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed))
+    return images, time.time() - t0
+
+
+def tstr(images, labels: np.ndarray, test_x, test_y, *, clf, num_classes: int, seed: int) -> float:
+    """Accuracy on (test_x, test_y) of the score_classifier CNN trained on the samples (epoch chosen on a
+    synthetic validation split)."""
+    xt, yt, xv, yv = split_validation(images, labels, fraction=clf.val_fraction, seed=seed)
+    fit = train_cnn(xt, yt, xv, yv, num_classes=num_classes, epochs=clf.cnn_epochs, batch_size=clf.cnn_batch_size,
+                    lr=clf.cnn_lr, seed=seed)
+    return float((predict(fit.model, test_x) == test_y).mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ldm", default="models/ldm_private")
@@ -107,23 +125,15 @@ def main() -> None:
 
     rows = []
     for text in args.settings:
-        s = parse_setting(text)
-        t0 = time.time()
-        images = generate(model, ae, labels, ldm_cfg=ldm_cfg, latent_shape=conf["latent_shape"],
-                          latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler, steps=s["steps"], eta=s["eta"],
-                          guidance_scale=s["w"], batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed))
-        seconds = time.time() - t0
+        images, seconds = sample_setting(model, ae, labels, parse_setting(text), ldm_cfg=ldm_cfg, conf=conf,
+                                         ae_conf=ae_conf, scheduler=scheduler, args=args)
         consistency = label_consistency(cnn, images, labels.numpy())["label_consistency"]
         fid = fidelity(images, real, extractor=extractor, tag="domain", kid_subset_size=min(1000, len(images)))
-        tstr = float("nan")
-        if args.tstr:
-            xt, yt, xv, yv = split_validation(images, labels.numpy(), fraction=clf.val_fraction, seed=args.seed)
-            fit = train_cnn(xt, yt, xv, yv, num_classes=ldm_cfg.num_classes, epochs=clf.cnn_epochs, batch_size=clf.cnn_batch_size,
-                            lr=clf.cnn_lr, seed=args.seed)
-            tstr = float((predict(fit.model, real) == real_y).mean())
-        rows.append((text, consistency, fid["fid_domain"], fid["kid_domain_mean"], tstr, 1000 * seconds / len(images)))
+        acc = (tstr(images, labels.numpy(), real, real_y, clf=clf, num_classes=ldm_cfg.num_classes, seed=args.seed)
+               if args.tstr else float("nan"))
+        rows.append((text, consistency, fid["fid_domain"], fid["kid_domain_mean"], acc, 1000 * seconds / len(images)))
         print(f"{text}: consistency {consistency:.3f}, fid_domain {fid['fid_domain']:.1f}, "
-              f"kid {fid['kid_domain_mean']:.4f}, CNN on private train {tstr:.3f}, {rows[-1][5]:.1f} s/1k", flush=True)
+              f"kid {fid['kid_domain_mean']:.4f}, CNN on private train {acc:.3f}, {rows[-1][5]:.1f} s/1k", flush=True)
 
     lines = [f"Model `{args.ldm}`, {args.per_class} samples per class, seed {args.seed}; machine {platform.machine()}, "
              f"{args.threads} threads; data.private.source = {source}"
@@ -163,23 +173,14 @@ def public_sweep(args) -> None:
     labels = torch.arange(k).repeat_interleave(args.per_class)
     rows = []
     for text in args.settings:
-        s = parse_setting(text)
-        t0 = time.time()
-        images = generate(model, ae, labels, ldm_cfg=ldm_cfg, latent_shape=conf["latent_shape"],
-                          latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler, steps=s["steps"], eta=s["eta"],
-                          guidance_scale=s["w"], batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed))
-        seconds = time.time() - t0
+        images, seconds = sample_setting(model, ae, labels, parse_setting(text), ldm_cfg=ldm_cfg, conf=conf,
+                                         ae_conf=ae_conf, scheduler=scheduler, args=args)
         consistency = label_consistency(fit.model, images, labels.numpy())["label_consistency"]
         cut = stratified(images, labels.numpy(), per_test * k)[0]
         m = fidelity(cut, real_cut, extractor=extractor, tag="domain", kid_subset_size=min(1000, len(cut)),
                      precision_recall=True)
-        tstr = float("nan")
-        if args.tstr:
-            st, sty, sv, svy = split_validation(images, labels.numpy(), fraction=clf.val_fraction, seed=args.seed)
-            cnn = train_cnn(st, sty, sv, svy, num_classes=k, epochs=clf.cnn_epochs, batch_size=clf.cnn_batch_size,
-                            lr=clf.cnn_lr, seed=args.seed)
-            tstr = float((predict(cnn.model, test_x) == test_y).mean())
-        rows.append((text, consistency, m["fid_domain"], m["precision_domain"], m["recall_domain"], tstr,
+        acc = tstr(images, labels.numpy(), test_x, test_y, clf=clf, num_classes=k, seed=args.seed) if args.tstr else float("nan")
+        rows.append((text, consistency, m["fid_domain"], m["precision_domain"], m["recall_domain"], acc,
                      1000 * seconds / len(images)))
         print("{}: consistency {:.3f}, fid_domain {:.1f}, precision {:.3f}, recall {:.3f}, TSTR on public test {:.3f}, "
               "{:.1f} s/1k".format(*rows[-1]), flush=True)

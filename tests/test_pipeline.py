@@ -146,6 +146,14 @@ def test_public_sampler_sweep_needs_nothing_but_public_artifacts(tiny_pipeline, 
         assert all(0.0 <= float(r[i]) <= 1.0 for i in (1, 3, 4, 5)), r
     assert "No private or proxy data read" in out.read_text()
     assert not (tmp_path / "data/private").exists() and not (tmp_path / "models/ldm_private").exists()
+    # the proxy mode refuses the real private set unless told, and then shares the sampling and TSTR code
+    args = [sys.executable, str(ROOT / "benchmarks/sampling_sweep.py"), "--tstr", "--per-class", "3", "--settings",
+            "eta=1,steps=2,w=0", "--threads", "1", "--out", str(tmp_path / "proxy.md")]
+    refused = run(args, tiny_pipeline, check=False)
+    assert refused.returncode != 0 and "invariant 7" in refused.stderr
+    run(args + ["--allow-private"], tiny_pipeline)
+    assert "REAL PRIVATE DATA" in (tmp_path / "proxy.md").read_text()
+    assert [ln for ln in (tmp_path / "proxy.md").read_text().splitlines() if ln.startswith("| eta=1,steps=2,w=0 |")]
 
 def test_changing_layers_or_private_data_marks_only_their_stages(tiny_pipeline):
     set_param(tiny_pipeline, "finetune.layers", [4, 7])
