@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     started = datetime.datetime.now(datetime.timezone.utc)
     state, conf = load_model_files(args.extractor)
-    name = register_domain_extractor(state, channels=conf["channels"], image_size=conf["image_size"], num_classes=conf["num_classes"])
+    name = register_domain_extractor(state, conf)
     cnn = SmallCNN.from_state_dict(state, conf)
     real, _, _ = read_images(args.private, split="train")
     sets = [("real test split", *read_images(args.private, split="test")[:2])]

@@ -118,8 +118,7 @@ def main() -> None:
     scheduler = make_scheduler(ldm_cfg)
     state, ext_conf = load_model_files(args.extractor)
     cnn = SmallCNN.from_state_dict(state, ext_conf)
-    extractor = register_domain_extractor(state, channels=ext_conf["channels"], image_size=ext_conf["image_size"],
-                                          num_classes=ext_conf["num_classes"])
+    extractor = register_domain_extractor(state, ext_conf)
     real, real_y, _ = read_images(args.private, split="train")
     labels = torch.arange(ldm_cfg.num_classes).repeat_interleave(args.per_class)
 
@@ -164,8 +163,8 @@ def public_sweep(args) -> None:
     xt, yt, xv, yv = split_validation(x, y, fraction=clf.val_fraction, seed=args.seed)
     fit = train_cnn(xt, yt, xv, yv, num_classes=k, epochs=fcfg.domain_epochs, batch_size=clf.cnn_batch_size,
                     lr=clf.cnn_lr, seed=args.seed)
-    extractor = register_domain_extractor(fit.model.state_dict(), channels=meta["channels"], image_size=meta["height"],
-                                          num_classes=k)
+    extractor = register_domain_extractor(fit.model.state_dict(), {"channels": meta["channels"], "image_size": meta["height"],
+                                                                     "num_classes": k})
     per_test = int(np.bincount(test_y, minlength=k).min())
     real_cut = stratified(test_x, test_y, per_test * k)[0]
     print(f"public domain CNN: val accuracy {fit.val_accuracy:.3f}; test split {len(test_x)} images, "

@@ -167,9 +167,10 @@ class UInt8Images(torch.utils.data.Dataset):
         return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
 
 
-def register_domain_extractor(state_dict: dict, *, channels: int, image_size: int, num_classes: int) -> str:
-    """Registers the trained SmallCNN's penultimate layer as a torch-fidelity feature extractor.
-    Returns its registry name, which includes a hash of the weights (same weights, same name)."""
+def register_domain_extractor(state_dict: dict, conf: dict) -> str:
+    """Registers the trained SmallCNN's penultimate layer as a torch-fidelity feature extractor; ``conf`` as for
+    ``SmallCNN.from_state_dict``. Returns its registry name, which includes a hash of the weights (same weights,
+    same name)."""
     h = hashlib.sha256()
     for k in sorted(state_dict):
         h.update(k.encode())
@@ -178,12 +179,13 @@ def register_domain_extractor(state_dict: dict, *, channels: int, image_size: in
     if name in FEATURE_EXTRACTORS_REGISTRY:
         return name
     weights = {k: v.detach().clone() for k, v in state_dict.items()}
+    channels, image_size = conf["channels"], conf["image_size"]
+    conf = dict(conf)  # a copy: the registered class must not see later changes to the caller's dict
 
     class DomainExtractor(FeatureExtractorBase):
         def __init__(self, name, features_list, **kwargs):
             super().__init__(name, features_list)
-            self.cnn = SmallCNN(channels=channels, image_size=image_size, num_classes=num_classes)
-            self.cnn.load_state_dict(weights)
+            self.cnn = SmallCNN.from_state_dict(weights, conf)
 
         @staticmethod
         def get_provided_features_list():

@@ -35,7 +35,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     real, real_y, _ = read_images(inputs["private"], split="train")
     state, conf = load_model_files(inputs["extractor"])  # the reference stage's CNN, trained on the private train split
     if cfg.extractor == "domain":
-        name = register_domain_extractor(state, channels=conf["channels"], image_size=conf["image_size"], num_classes=conf["num_classes"])
+        name = register_domain_extractor(state, conf)
         tag = "domain"
     else:
         name, tag = "inception-v3-compat", "inception"

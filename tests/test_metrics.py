@@ -10,7 +10,7 @@ from stages.common import ConfigError
 def extractor():
     torch.manual_seed(0)
     cnn = SmallCNN(channels=1, image_size=16, num_classes=10)
-    return register_domain_extractor(cnn.state_dict(), channels=1, image_size=16, num_classes=10)
+    return register_domain_extractor(cnn.state_dict(), {"channels": 1, "image_size": 16, "num_classes": 10})
 
 
 def digits(n, seed):
@@ -29,7 +29,7 @@ def test_domain_extractor_registers_with_declared_features(extractor):
     feat, logits = fe(torch.zeros(3, 3, 16, 16, dtype=torch.uint8))
     assert feat.shape == (3, SmallCNN.feature_dim) and logits.shape == (3, 10)
     # same weights register under the same name
-    assert register_domain_extractor(fe.cnn.state_dict(), channels=1, image_size=16, num_classes=10) == extractor
+    assert register_domain_extractor(fe.cnn.state_dict(), {"channels": 1, "image_size": 16, "num_classes": 10}) == extractor
 
 
 def test_fid_and_kid_of_a_set_against_itself_is_zero_and_grow_with_noise(extractor):
