@@ -222,6 +222,7 @@ class LDMConfig:
     cosine_decay: bool
     ema_decay: float
     label_dropout: float  # for classifier-free guidance: share of labels replaced by the null class
+    snr_gamma: float  # Min-SNR-gamma loss weighting in pretraining (0 = off: the plain eps loss)
     checkpoint_every: int  # steps
     pretrained_path: str  # a diffusers-format UNet folder to use instead of pretraining
 
@@ -238,6 +239,7 @@ class LDMConfig:
         check(self.warmup_steps >= 0, "ldm.warmup_steps", self.warmup_steps, "an integer >= 0")
         check(0 <= self.ema_decay < 1, "ldm.ema_decay", self.ema_decay, "a number in [0, 1)")
         check(0 <= self.label_dropout < 1, "ldm.label_dropout", self.label_dropout, "a number in [0, 1)")
+        check(self.snr_gamma >= 0, "ldm.snr_gamma", self.snr_gamma, "a number >= 0 (0 = off)")
         check(self.checkpoint_every >= 1, "ldm.checkpoint_every", self.checkpoint_every, "an integer >= 1")
 
 

@@ -3,7 +3,8 @@
 - ``make_scheduler``: the forward process (T, beta schedule). ``scaled_linear`` from 0.0015 to
   0.0155 is the official LDM schedule (linear in sqrt(beta)).
 - ``expand_rows``: noise multiplicity (DPDM): K copies of each example, example-major.
-- ``eps_loss``: L_simple = || eps - eps_theta(sqrt(a_t) z0 + sqrt(1 - a_t) eps, t, y) ||^2.
+- ``eps_loss``: L_simple = || eps - eps_theta(sqrt(a_t) z0 + sqrt(1 - a_t) eps, t, y) ||^2, optionally
+  weighted by Min-SNR-gamma (Hang et al. 2023): min(SNR(t), gamma) / SNR(t), diffusers' ``compute_snr``.
 - ``ddim_sample``: the DDIM sampling loop, with optional classifier-free guidance.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.training_utils import compute_snr
 
 from .config import LDMConfig
 
@@ -47,10 +49,13 @@ def eps_loss(
     scheduler: DDPMScheduler,
     generator: torch.Generator | None = None,
     k: int = 1,
+    snr_gamma: float = 0.0,
 ) -> torch.Tensor:
     """Per-example epsilon-prediction loss [B], each averaged over K (t, eps) draws.
 
-    The model sees B*K example-major rows. ``loss.mean()`` over the result equals the mean over all
+    ``snr_gamma`` > 0 weights each row by min(SNR(t), gamma) / SNR(t) (Min-SNR-gamma for epsilon
+    prediction): the low-noise steps, which only polish detail, count less. The weight is per row,
+    before the mean over K. The model sees B*K example-major rows. ``loss.mean()`` over the result equals the mean over all
     rows, which is what opacus expects (loss_reduction="mean")."""
     b = z0.shape[0]
     z0, y = expand_rows(z0, y, k=k)  # [B*K, ...]
@@ -58,6 +63,9 @@ def eps_loss(
     noise = torch.randn(z0.shape, generator=generator, device="cpu").to(z0.device)
     pred = model(q_sample(scheduler, z0, noise, t), t, y)
     per_row = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)  # [B*K]
+    if snr_gamma > 0:
+        snr = compute_snr(scheduler, t)
+        per_row = per_row * (snr.clamp(max=snr_gamma) / snr)
     return per_row.view(b, k).mean(1)  # [B]
 
 

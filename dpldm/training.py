@@ -46,7 +46,8 @@ class LDMPretraining:
         idx = torch.randint(0, len(self.z), (cfg.batch_size,), generator=self.g)
         yb = self.y[idx].clone()
         yb[torch.rand(len(yb), generator=self.g) < cfg.label_dropout] = cfg.num_classes  # the null class
-        loss = eps_loss(model, self.z[idx].to(self.device), yb.to(self.device), scheduler=self.scheduler, generator=self.g).mean()
+        loss = eps_loss(model, self.z[idx].to(self.device), yb.to(self.device), scheduler=self.scheduler, generator=self.g,
+                        snr_gamma=self.cfg.snr_gamma).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -53,6 +53,34 @@ def test_eps_loss_k_average_equals_mean_of_rows():
     assert per_example.shape == (3,)
 
 
+def test_min_snr_weights_each_row_before_the_k_average():
+    s = make_scheduler(cfg("ldm"))
+    seen = []
+
+    def model(z, t, y):
+        seen.append(t.clone())
+        return z * 0.5
+
+    z0, y = torch.randn(3, 2, 2, 2), torch.tensor([0, 1, 2])
+    plain = eps_loss(model, z0, y, scheduler=s, generator=torch.Generator().manual_seed(1), k=4, snr_gamma=0.0)
+    weighted = eps_loss(model, z0, y, scheduler=s, generator=torch.Generator().manual_seed(1), k=4, snr_gamma=1.0)
+    assert torch.equal(seen[0], seen[1])  # same (t, eps) draws
+    # the rows again, unweighted, one by one
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, 1000, (12,), generator=g)
+    noise = torch.randn((12, 2, 2, 2), generator=g)
+    zr = z0.repeat_interleave(4, 0)
+    ab = s.alphas_cumprod[t]
+    zt = ab.sqrt().view(-1, 1, 1, 1) * zr + (1 - ab).sqrt().view(-1, 1, 1, 1) * noise
+    rows = ((zt * 0.5 - noise) ** 2).flatten(1).mean(1)
+    snr = ab / (1 - ab)
+    w = torch.minimum(snr, torch.tensor(1.0)) / snr
+    assert torch.allclose(plain, rows.view(3, 4).mean(1), atol=1e-6)
+    assert torch.allclose(weighted, (rows * w).view(3, 4).mean(1), atol=1e-6)
+    assert (w < 1).any() and (w == 1).any()  # both regimes drawn: the test can tell weighted from plain
+    assert not torch.allclose(plain, weighted)
+
+
 def test_ema_is_the_running_mean_then_reaches_the_configured_decay():
     from dpldm.training import make_ema
 
