@@ -10,7 +10,9 @@ from stages.common import load_model_files
 
 def load_ldm(folder) -> tuple[ConditionalUNet, LDMConfig, dict]:
     state, conf = load_model_files(folder, generator=True)
-    cfg = from_mapping(LDMConfig, {k: v for k, v in conf.items() if k in LDMConfig.__dataclass_fields__}, prefix="ldm")
+    fields = {k: v for k, v in conf.items() if k in LDMConfig.__dataclass_fields__}
+    fields.setdefault("snr_gamma", 0.0)  # a training-only key; models saved before it existed were trained without it
+    cfg = from_mapping(LDMConfig, fields, prefix="ldm")
     model = build_ldm(cfg, latent_channels=conf["latent_shape"][0], latent_size=conf["latent_shape"][1])
     try:
         model.load_state_dict(state)

@@ -67,6 +67,10 @@ def test_checkpoint_roundtrip_identical_outputs(tmp_path):
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
     with torch.no_grad():
         assert torch.equal(model(x, t, y), loaded.eval()(x, t, y))
+    # a model saved before the training-only key ldm.snr_gamma existed still loads
+    old = {k: v for k, v in to_dict(ldm_cfg).items() if k != "snr_gamma"}
+    save_model(tmp_path / "old", state_dict=model.state_dict(), config=old, extra={"latent_shape": [4, 8, 8]})
+    assert load_ldm(tmp_path / "old")[1].snr_gamma == 0.0
 
 
 def test_checkpoint_of_other_architecture_is_refused(tmp_path):
