@@ -64,12 +64,13 @@ def parse_setting(text: str) -> dict:
     return out
 
 
-def sample_setting(model, ae, labels: torch.Tensor, s: dict, *, ldm_cfg, conf: dict, ae_conf: dict, scheduler, args):
-    """(uint8 images, seconds) for one setting, always from the same seed."""
+def sample_setting(model, ae, labels: torch.Tensor, s: dict, *, ldm_cfg, conf: dict, ae_conf: dict, scheduler, args,
+                   seed: int | None = None):
+    """(uint8 images, seconds) for one setting, from ``seed`` (default ``args.seed``: every setting the same)."""
     t0 = time.time()
     images = generate(model, ae, labels, ldm_cfg=ldm_cfg, latent_shape=conf["latent_shape"],
                       latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler, steps=s["steps"], eta=s["eta"],
-                      guidance_scale=s["w"], batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed))
+                      guidance_scale=s["w"], batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed if seed is None else seed))
     return images, time.time() - t0
 
 
@@ -91,6 +92,7 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=1, help="--public: sampling seeds seed..seed+N-1 per setting (mean ± std)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tstr", action="store_true", help="also train a CNN on the samples, test on the private train split")
     ap.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS)
@@ -147,6 +149,76 @@ def main() -> None:
     print("\n".join(lines))
 
 
+class PublicJudge:
+    """The public criterion of ``--public``: a domain CNN trained here on the public train split gives the label
+    consistency and the features; FID and k-NN precision / recall against the held-out public test split (the
+    same number of samples per class as the test split has), and the TSTR CNN is tested on that split."""
+
+    def __init__(self, public_data: str, *, clf, fcfg, num_classes: int, seed: int = 0):
+        x, y, meta = read_images(public_data, split="train")
+        self.test_x, self.test_y, _ = read_images(public_data, split="test")
+        self.clf, self.k = clf, num_classes
+        xt, yt, xv, yv = split_validation(x, y, fraction=clf.val_fraction, seed=seed)
+        self.fit = train_cnn(xt, yt, xv, yv, num_classes=num_classes, epochs=fcfg.domain_epochs,
+                             batch_size=clf.cnn_batch_size, lr=clf.cnn_lr, seed=seed)
+        self.extractor = register_domain_extractor(self.fit.model.state_dict(), {
+            "channels": meta["channels"], "image_size": meta["height"], "num_classes": num_classes})
+        self.per_test = int(np.bincount(self.test_y, minlength=num_classes).min())
+        self.real_cut = stratified(self.test_x, self.test_y, self.per_test * num_classes)[0]
+        self.test_accuracy = float((predict(self.fit.model, self.test_x) == self.test_y).mean())
+
+    def score(self, images, labels: np.ndarray, *, with_tstr: bool, seed: int) -> dict:
+        consistency = label_consistency(self.fit.model, images, labels)["label_consistency"]
+        cut = stratified(images, labels, self.per_test * self.k)[0]
+        m = fidelity(cut, self.real_cut, extractor=self.extractor, tag="domain", kid_subset_size=min(1000, len(cut)),
+                     precision_recall=True)
+        acc = (tstr(images, labels, self.test_x, self.test_y, clf=self.clf, num_classes=self.k, seed=seed)
+               if with_tstr else float("nan"))
+        return {"label_consistency": consistency, "fid_domain": m["fid_domain"], "precision": m["precision_domain"],
+                "recall": m["recall_domain"], "tstr": acc}
+
+
+PUBLIC_COLUMNS = ("label_consistency", "fid_domain", "precision", "recall", "tstr", "s_per_1k")
+
+
+def mean_std(values: list[float], digits: int) -> str:
+    """``m`` for one value, ``m ± s`` (sample std) for several."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def public_rows(model, ae, judge: PublicJudge, settings: list[str], *, ldm_cfg, conf, ae_conf, scheduler, args) -> list[dict]:
+    """One dict per (setting, sampling seed): each seed draws its own samples and trains its own TSTR CNN."""
+    labels = torch.arange(ldm_cfg.num_classes).repeat_interleave(args.per_class)
+    rows = []
+    for text in settings:
+        for seed in range(args.seed, args.seed + args.seeds):
+            images, seconds = sample_setting(model, ae, labels, parse_setting(text), ldm_cfg=ldm_cfg, conf=conf,
+                                             ae_conf=ae_conf, scheduler=scheduler, args=args, seed=seed)
+            r = {"setting": text, "seed": seed, **judge.score(images, labels.numpy(), with_tstr=args.tstr, seed=seed),
+                 "s_per_1k": 1000 * seconds / len(images)}
+            rows.append(r)
+            print("{setting} seed {seed}: consistency {label_consistency:.3f}, fid_domain {fid_domain:.1f}, precision "
+                  "{precision:.3f}, recall {recall:.3f}, TSTR on public test {tstr:.3f}, {s_per_1k:.1f} s/1k".format(**r),
+                  flush=True)
+    return rows
+
+
+def public_table(rows: list[dict]) -> list[str]:
+    """Markdown rows: per setting, the mean (± std over sampling seeds) of each column."""
+    out = []
+    for text in dict.fromkeys(r["setting"] for r in rows):
+        mine = [r for r in rows if r["setting"] == text]
+        cells = [mean_std([r[c] for r in mine], 1 if c in ("fid_domain", "s_per_1k") else 3) for c in PUBLIC_COLUMNS]
+        out.append(f"| {text} | " + " | ".join(cells) + " |")
+    return out
+
+
+PUBLIC_HEADER = ["| setting | label consistency | fid_domain | precision | recall | CNN trained on samples, acc. on public test "
+                 "| s per 1k samples |", "|---|---:|---:|---:|---:|---:|---:|"]
+
+
 def public_sweep(args) -> None:
     """The sweep of ``--public``: everything from the public set."""
     torch.set_num_threads(args.threads)
@@ -157,41 +229,17 @@ def public_sweep(args) -> None:
     model.eval()
     ae, ae_conf = load_autoencoder(args.ae)
     scheduler = make_scheduler(ldm_cfg)
-    x, y, meta = read_images(args.public_data, split="train")
-    test_x, test_y, _ = read_images(args.public_data, split="test")
-    k = ldm_cfg.num_classes
-    xt, yt, xv, yv = split_validation(x, y, fraction=clf.val_fraction, seed=args.seed)
-    fit = train_cnn(xt, yt, xv, yv, num_classes=k, epochs=fcfg.domain_epochs, batch_size=clf.cnn_batch_size,
-                    lr=clf.cnn_lr, seed=args.seed)
-    extractor = register_domain_extractor(fit.model.state_dict(), {"channels": meta["channels"], "image_size": meta["height"],
-                                                                     "num_classes": k})
-    per_test = int(np.bincount(test_y, minlength=k).min())
-    real_cut = stratified(test_x, test_y, per_test * k)[0]
-    print(f"public domain CNN: val accuracy {fit.val_accuracy:.3f}; test split {len(test_x)} images, "
-          f"recall on {per_test} per class", flush=True)
-    labels = torch.arange(k).repeat_interleave(args.per_class)
-    rows = []
-    for text in args.settings:
-        images, seconds = sample_setting(model, ae, labels, parse_setting(text), ldm_cfg=ldm_cfg, conf=conf,
-                                         ae_conf=ae_conf, scheduler=scheduler, args=args)
-        consistency = label_consistency(fit.model, images, labels.numpy())["label_consistency"]
-        cut = stratified(images, labels.numpy(), per_test * k)[0]
-        m = fidelity(cut, real_cut, extractor=extractor, tag="domain", kid_subset_size=min(1000, len(cut)),
-                     precision_recall=True)
-        acc = tstr(images, labels.numpy(), test_x, test_y, clf=clf, num_classes=k, seed=args.seed) if args.tstr else float("nan")
-        rows.append((text, consistency, m["fid_domain"], m["precision_domain"], m["recall_domain"], acc,
-                     1000 * seconds / len(images)))
-        print("{}: consistency {:.3f}, fid_domain {:.1f}, precision {:.3f}, recall {:.3f}, TSTR on public test {:.3f}, "
-              "{:.1f} s/1k".format(*rows[-1]), flush=True)
-    test_fit = float((predict(fit.model, test_x) == test_y).mean())
-    lines = [f"Public model `{ldm_path}`, {args.per_class} samples per class, seed {args.seed}; machine {platform.machine()}, "
+    judge = PublicJudge(args.public_data, clf=clf, fcfg=fcfg, num_classes=ldm_cfg.num_classes, seed=args.seed)
+    print(f"public domain CNN: val accuracy {judge.fit.val_accuracy:.3f}; test split {len(judge.test_x)} images, "
+          f"recall on {judge.per_test} per class", flush=True)
+    rows = public_rows(model, ae, judge, args.settings, ldm_cfg=ldm_cfg, conf=conf, ae_conf=ae_conf,
+                       scheduler=scheduler, args=args)
+    seeds = f"seed {args.seed}" if args.seeds == 1 else f"sampling seeds {args.seed}..{args.seed + args.seeds - 1} (mean ± std)"
+    lines = [f"Public model `{ldm_path}`, {args.per_class} samples per class, {seeds}; machine {platform.machine()}, "
              f"{args.threads} threads. Everything from the public set `{args.public_data}`: the domain CNN trained on its "
-             f"train split (test accuracy {test_fit:.3f}); FID, precision and recall of {per_test} samples per class "
-             f"against its {per_test * k}-image held-out test split; the TSTR CNN tested on that split. "
-             "No private or proxy data read.", "",
-             "| setting | label consistency | fid_domain | precision | recall | CNN trained on samples, acc. on public test "
-             "| s per 1k samples |", "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += ["| {} | {:.3f} | {:.1f} | {:.3f} | {:.3f} | {:.3f} | {:.1f} |".format(*r) for r in rows]
+             f"train split (test accuracy {judge.test_accuracy:.3f}); FID, precision and recall of {judge.per_test} samples "
+             f"per class against its {judge.per_test * judge.k}-image held-out test split; the TSTR CNN tested on that "
+             "split. No private or proxy data read.", "", *PUBLIC_HEADER, *public_table(rows)]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

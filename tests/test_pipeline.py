@@ -155,6 +155,34 @@ def test_public_sampler_sweep_needs_nothing_but_public_artifacts(tiny_pipeline, 
     assert "REAL PRIVATE DATA" in (tmp_path / "proxy.md").read_text()
     assert [ln for ln in (tmp_path / "proxy.md").read_text().splitlines() if ln.startswith("| eta=1,steps=2,w=0 |")]
 
+def test_public_ldm_variants_train_with_the_stage_and_are_judged_on_public_data(tiny_pipeline, tmp_path):
+    import shutil
+    import sys
+
+    # only the public side: AE, public latents, public images
+    for rel in ("models/ae",):
+        shutil.copytree(tiny_pipeline / rel, tmp_path / rel)
+    for rel in ("data/public/images.parquet", "data/latents/public.npz", "params.yaml"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_pipeline / rel, tmp_path / rel)
+    args = [sys.executable, str(ROOT / "benchmarks/public_ldm_variants.py"), "--variant", "default:",
+            "--variant", "lr:ldm.lr=0.004", "--seeds", "2", "--per-class", "6", "--out", str(tmp_path / "v")]
+    run(args, tmp_path)
+    rows = [ln.split("|")[1:-1] for ln in (tmp_path / "v.md").read_text().splitlines() if ln.startswith("| default") or ln.startswith("| lr")]
+    assert [r[0].strip() for r in rows] == ["default", "lr"]
+    for r in rows:  # two seeds: every judged cell is "mean ± std"; label consistency and TSTR are shares
+        assert all("±" in c for c in r[4:]), r
+        assert 0 <= float(r[4].split("±")[0]) <= 1 and 0 <= float(r[8].split("±")[0]) <= 1, r
+    trained = json.loads((tmp_path / "build/public_ldm_variants/lr/trained.json").read_text())
+    assert trained["ldm"]["lr"] == 0.004
+    assert yaml.safe_load((tmp_path / "build/public_ldm_variants/lr/params.yaml").read_text())["ldm"]["lr"] == 0.004
+    csv_rows = (tmp_path / "v.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 2 * 2  # header + 2 variants x 2 seeds
+    again = run(args[:4] + ["--seeds", "1", "--per-class", "6", "--out", str(tmp_path / "w")], tmp_path)
+    assert "default: reusing" in again.stdout  # a second invocation only adds variants
+    assert not (tmp_path / "data/private").exists() and not (tmp_path / "models/ldm_private").exists()
+
+
 def test_changing_layers_or_private_data_marks_only_their_stages(tiny_pipeline):
     set_param(tiny_pipeline, "finetune.layers", [4, 7])
     assert dvc_stale(tiny_pipeline) == {"dp_finetune", "audit"}
