@@ -23,7 +23,8 @@ samples of ``models/ldm_public``; a domain CNN trained here on the public train 
 gives the label consistency and the features; FID and k-NN precision/recall are taken against the held-out
 public *test* split (recall on the first 100 samples per class, the test split's size), and ``--tstr`` tests on
 that split too. It measures what a sampler does to fidelity and variety on a distribution the model has
-learnt well, which the 8x8 proxy (blurry, poorly conditioned) cannot."""
+learnt well, which the 8x8 proxy (blurry, poorly conditioned) cannot. ``--seeds N`` repeats each setting with
+sampling seeds seed..seed+N-1 (each its own samples and TSTR CNN) and reports mean ± std."""
 from __future__ import annotations
 
 import argparse
@@ -68,9 +69,10 @@ def sample_setting(model, ae, labels: torch.Tensor, s: dict, *, ldm_cfg, conf: d
                    seed: int | None = None):
     """(uint8 images, seconds) for one setting, from ``seed`` (default ``args.seed``: every setting the same)."""
     t0 = time.time()
+    seed = args.seed if seed is None else seed
     images = generate(model, ae, labels, ldm_cfg=ldm_cfg, latent_shape=conf["latent_shape"],
                       latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler, steps=s["steps"], eta=s["eta"],
-                      guidance_scale=s["w"], batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed if seed is None else seed))
+                      guidance_scale=s["w"], batch_size=args.batch_size, generator=torch.Generator().manual_seed(seed))
     return images, time.time() - t0
 
 

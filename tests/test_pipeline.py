@@ -168,7 +168,7 @@ def test_public_ldm_variants_train_with_the_stage_and_are_judged_on_public_data(
     args = [sys.executable, str(ROOT / "benchmarks/public_ldm_variants.py"), "--variant", "default:",
             "--variant", "lr:ldm.lr=0.004", "--seeds", "2", "--per-class", "6", "--out", str(tmp_path / "v")]
     run(args, tmp_path)
-    rows = [ln.split("|")[1:-1] for ln in (tmp_path / "v.md").read_text().splitlines() if ln.startswith("| default") or ln.startswith("| lr")]
+    rows = [ln.split("|")[1:-1] for ln in (tmp_path / "v.md").read_text().splitlines() if ln.startswith(("| default", "| lr"))]
     assert [r[0].strip() for r in rows] == ["default", "lr"]
     for r in rows:  # two seeds: every judged cell is "mean ± std"; label consistency and TSTR are shares
         assert all("±" in c for c in r[4:]), r
