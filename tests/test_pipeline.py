@@ -208,11 +208,12 @@ def descendants(stage: str) -> set[str]:
 def test_changing_ldm_params_does_not_rerun_autoencoder_or_encoding(tiny_pipeline):
     """An ldm change makes only pretrain_ldm stale; what can re-run after it is its descendants, which
     are the fine-tuning stages, never the AE or the encoding."""
-    set_param(tiny_pipeline, "ldm.lr", 0.002)
+    before = yaml.safe_load((tiny_pipeline / "params.yaml").read_text())["ldm"]["lr"]
+    set_param(tiny_pipeline, "ldm.lr", before * 2)
     try:
         assert dvc_stale(tiny_pipeline) == {"pretrain_ldm"}
     finally:
-        set_param(tiny_pipeline, "ldm.lr", 0.001)
+        set_param(tiny_pipeline, "ldm.lr", before)
     assert descendants("pretrain_ldm") == DOWNSTREAM_OF_FINETUNE
     assert not descendants("pretrain_ldm") & {"pretrain_ae", "encode_public", "encode_private", "prepare_public"}
 
