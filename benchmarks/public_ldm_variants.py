@@ -37,18 +37,19 @@ from dpldm.diffusion import make_scheduler  # noqa: E402
 from stages.artifacts import load_autoencoder, load_ldm  # noqa: E402
 from pretrain_ldm_sweep import overrides_label, parse_variant, write_rows  # noqa: E402
 from provenance import provenance  # noqa: E402
-from sampling_sweep import PUBLIC_HEADER, PublicJudge, public_rows, public_table  # noqa: E402
+from sampling_sweep import PublicJudge, public_cells, public_header, public_rows  # noqa: E402
 
 
 def train(name: str, params: dict, work: Path, *, latents: str) -> tuple[Path, float | None]:
-    """(model folder, training seconds or None when reused). Trains with the stage itself, in a subprocess."""
+    """(model folder, training seconds: measured now, or as recorded when reused). Trains with the stage itself,
+    in a subprocess."""
     folder = work / name
     model, marker = folder / "ldm", folder / "trained.json"
     if marker.exists() and (model / "config.json").exists():
         done = json.loads(marker.read_text())
         if done.get("ldm") == params["ldm"]:
             print(f"{name}: reusing {model} (trained with the same ldm section)", flush=True)
-            return model, None
+            return model, done.get("train_s")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     t0 = time.perf_counter()
@@ -84,13 +85,10 @@ def main() -> None:
     ae, ae_conf = load_autoencoder(args.ae)
     judge = PublicJudge(args.public_data, clf=load_section(params, "classifier"), fcfg=load_section(params, "fid"),
                         num_classes=load_section(params, "ldm").num_classes, seed=args.seed)
-    rows, table, train_s = [], [], {}
+    rows, table = [], []
     for text in args.variant:
         name, over = parse_variant(text)
         folder, seconds = train(name, with_overrides(params, over), Path(args.work), latents=args.latents)
-        if seconds is None:
-            seconds = json.loads((Path(args.work) / name / "trained.json").read_text()).get("train_s")
-        train_s[name] = seconds
         model, ldm_cfg, conf = load_ldm(folder)
         model.eval()
         heldout = json.loads((folder.parent / "live" / "metrics.json").read_text()).get("test_loss_ema", float("nan"))
@@ -99,16 +97,15 @@ def main() -> None:
         for r in mine:
             r.update(variant=name, overrides=overrides_label(over), heldout_loss=heldout, train_s=seconds)
         rows += mine
-        cells = public_table(mine)[0].split(" | ", 1)[1]  # drop the setting cell
-        table.append(f"| {name} | `{overrides_label(over)}` | {heldout:.4f} | {seconds or float('nan'):.0f} | {cells}")
+        table.append(f"| {name} | `{overrides_label(over)}` | {heldout:.4f} | {seconds or float('nan'):.0f} | "
+                     + " | ".join(public_cells(mine)) + " |")
         write_rows(Path(args.out), rows)
-    header = PUBLIC_HEADER[0].replace("| setting |", "| variant | overrides | held-out public loss (EMA) | training s |")
     lines = [provenance("public_ldm_variants.py", None, started), "",
              "# Public LDM pretraining variants, judged by their samples on the public set", "",
              f"{args.threads} torch threads; sampler `{setting}` (params.yaml); {args.per_class} samples per class; sampling "
              f"seeds {args.seed}..{args.seed + args.seeds - 1} (mean ± std); domain CNN test accuracy "
              f"{judge.test_accuracy:.3f}. That day's `benchmarks/pretrain_step.py`: {args.step_figure or 'not given'}.", "",
-             header, "|---|---|---:|---:|" + PUBLIC_HEADER[1].split("|", 2)[2], *table]
+             *public_header(("variant", "overrides"), ("held-out public loss (EMA)", "training s")), *table]
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

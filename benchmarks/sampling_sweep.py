@@ -207,18 +207,27 @@ def public_rows(model, ae, judge: PublicJudge, settings: list[str], *, ldm_cfg, 
     return rows
 
 
+PUBLIC_LABELS = ("label consistency", "fid_domain", "precision", "recall", "CNN trained on samples, acc. on public test",
+                 "s per 1k samples")
+
+
+def public_header(left: tuple[str, ...], right: tuple[str, ...] = ()) -> list[str]:
+    """The markdown header of a public table: columns ``left`` (left-aligned), ``right``, then PUBLIC_LABELS (right-aligned)."""
+    right = (*right, *PUBLIC_LABELS)
+    return ["| " + " | ".join((*left, *right)) + " |", "|" + "---|" * len(left) + "---:|" * len(right)]
+
+
+def public_cells(rows: list[dict]) -> list[str]:
+    """The PUBLIC_COLUMNS cells of ``rows`` (one setting): the mean, ± the std when there are several seeds."""
+    return [mean_std([r[c] for r in rows], 1 if c in ("fid_domain", "s_per_1k") else 3) for c in PUBLIC_COLUMNS]
+
+
 def public_table(rows: list[dict]) -> list[str]:
     """Markdown rows: per setting, the mean (± std over sampling seeds) of each column."""
     out = []
     for text in dict.fromkeys(r["setting"] for r in rows):
-        mine = [r for r in rows if r["setting"] == text]
-        cells = [mean_std([r[c] for r in mine], 1 if c in ("fid_domain", "s_per_1k") else 3) for c in PUBLIC_COLUMNS]
-        out.append(f"| {text} | " + " | ".join(cells) + " |")
+        out.append(f"| {text} | " + " | ".join(public_cells([r for r in rows if r["setting"] == text])) + " |")
     return out
-
-
-PUBLIC_HEADER = ["| setting | label consistency | fid_domain | precision | recall | CNN trained on samples, acc. on public test "
-                 "| s per 1k samples |", "|---|---:|---:|---:|---:|---:|---:|"]
 
 
 def public_sweep(args) -> None:
@@ -241,7 +250,7 @@ def public_sweep(args) -> None:
              f"{args.threads} threads. Everything from the public set `{args.public_data}`: the domain CNN trained on its "
              f"train split (test accuracy {judge.test_accuracy:.3f}); FID, precision and recall of {judge.per_test} samples "
              f"per class against its {judge.per_test * judge.k}-image held-out test split; the TSTR CNN tested on that "
-             "split. No private or proxy data read.", "", *PUBLIC_HEADER, *public_table(rows)]
+             "split. No private or proxy data read.", "", *public_header(("setting",)), *public_table(rows)]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
