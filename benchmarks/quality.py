@@ -2,6 +2,7 @@
 layers, and real data, each DP row a mean over independent DP runs.
 
     python benchmarks/quality.py [--runs 3] [--epsilons 1 10] [--set key=value ...] [--compare-only]
+    python benchmarks/quality.py --rescore TAG --set sample.per_class=1000 [...]   # the same DP runs, re-scored
 
 Each setting is one ``dvc exp`` run by ``pipeline.sweep`` in this workspace (the upstream stages once; every
 setting re-runs dp_finetune, sample, score_fid and score_classifier). The DP runs of one epsilon differ only in
@@ -14,6 +15,11 @@ Every DP run is a separate release of a model trained on the same private data: 
 (``epsilon_spent_all_attempts``), and the non-private run, which comes last, voids the total (``inf``). This
 table is scored on the private test split: nothing may be chosen from it.
 
+``--rescore TAG`` re-scores the table's existing experiments instead (``pipeline.sweep.rescore_sweep``): each
+one is applied to the workspace and run again as ``NAME-TAG`` with the ``--set`` overrides, which may only touch
+the stages after dp_finetune (sampler, FID, classifiers). The DP releases stay the same models (checked), so the
+ledger spends nothing new: sampling a release again is post-processing.
+
 Writes ``benchmarks/results/quality.md`` / ``.csv`` (per setting) and ``quality_runs.csv`` (per run), with the
 command, commit, date and the day's ``benchmarks/pretrain_step.py`` figure (``--step-figure``) as provenance."""
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -29,7 +36,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.sweep import comparison, parse_assignments, run_sweep  # noqa: E402
+from pipeline.sweep import comparison, parse_assignments, rescore_sweep, run_sweep  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 
@@ -42,6 +49,13 @@ def settings(epsilons: list[float], runs: int, common: dict) -> list[tuple[str, 
             out.append((name, f"epsilon {eps:g}", {**common, "finetune.epsilon": eps, "runtime.seeds.dp_finetune": r}))
     out.append(("q-nonprivate", "non-private", {**common, "finetune.private": False}))
     return out
+
+
+def rescored(grid: list[tuple[str, str, dict]], tag: str, common: dict) -> list[tuple[str, str, dict]]:
+    """[(existing experiment, its re-scored name, overrides)] for ``--rescore TAG``."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", tag):
+        raise SystemExit(f"--rescore {tag!r}: a tag of letters, digits, '.', '_' or '-' (it ends each experiment's name)")
+    return [(name, f"{name}-{tag}", common) for name, _, _ in grid]
 
 
 def _num(v) -> float:
@@ -87,6 +101,8 @@ def main(argv=None) -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every setting")
     ap.add_argument("--compare-only", action="store_true", help="skip the runs; rebuild the table from dvc exp")
     ap.add_argument("--rerun", action="store_true", help="replace experiments of the same name")
+    ap.add_argument("--rescore", metavar="TAG", default="",
+                    help="re-score the existing experiments as NAME-TAG with --set (post-processing keys only)")
     ap.add_argument("--step-figure", default="", help="that day's benchmarks/pretrain_step.py figure, for provenance")
     ap.add_argument("--out", default="benchmarks/results/quality")
     args = ap.parse_args(argv)
@@ -95,7 +111,12 @@ def main(argv=None) -> None:
     common = parse_assignments(",".join(args.set)) if args.set else {}
     grid = settings(args.epsilons, args.runs, common)
     started = datetime.datetime.now(datetime.timezone.utc)
-    if not args.compare_only:
+    if args.rescore:
+        pairs = rescored(grid, args.rescore, common)
+        grid = [(new, row, s) for (new, _, _), (_, row, s) in zip(pairs, grid, strict=True)]
+        if not args.compare_only:
+            rescore_sweep(pairs, rerun=args.rerun)
+    elif not args.compare_only:
         run_sweep([(name, s) for name, _, s in grid], rerun=args.rerun)
     df = comparison([name for name, _, _ in grid])
     ref = Path("reports/reference/metrics.json")

@@ -25,6 +25,7 @@ import pandas as pd
 import yaml
 
 from dpldm.ledger import Ledger
+from pipeline.boundary import outputs, read_stages, stage_paths
 
 UPSTREAM = ("pretrain_ldm", "encode_private", "reference")
 TARGETS = ("score_fid", "score_classifier")  # what an experiment reproduces; the audit only with --with-audit
@@ -133,6 +134,70 @@ def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".", rerun: bool 
         params_file.write_text(original)  # the workspace's own params stay as they were
 
 
+def upstream_params(stages: dict, stage: str = "dp_finetune") -> set[str]:
+    """The params keys that ``stage`` and every stage it depends on (transitively, through dvc.yaml's
+    deps and outs) read: a change to any of them re-runs ``stage``."""
+    producer = {path: name for name, path, _ in outputs(stages)}
+    keys: set[str] = set()
+    seen: set[str] = set()
+    todo = [stage]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for entry in stages[name].get("params", []):
+            keys.update([entry] if isinstance(entry, str) else [k for ks in entry.values() for k in ks])
+        todo += [producer[d] for d in stages[name].get("deps", []) if d in producer]
+    return keys
+
+
+def check_rescore_keys(overrides: dict, stages: dict) -> None:
+    """Re-scoring keeps the DP release as it is: refuses any key that dp_finetune or its upstream reads."""
+    keys = upstream_params(stages)
+    bad = sorted(k for k in overrides if any(k == p or k.startswith(p + ".") or p.startswith(k + ".") for p in keys))
+    if bad:
+        raise SystemExit(f"cannot re-score with {', '.join(bad)}: dp_finetune (or a stage before it) reads it, so the "
+                         f"DP model would be trained again (a new release that spends budget). Re-score only with "
+                         f"keys of the later stages (sample, fid, classifier, their seeds), or run the sweep anew.")
+
+
+def _release_hash(repo: str, path: str) -> str | None:
+    lock = yaml.safe_load((Path(repo) / "dvc.lock").read_text())["stages"].get("dp_finetune", {})
+    return next((o.get("md5") for o in lock.get("outs", []) if o["path"] == path), None)
+
+
+def rescore_sweep(pairs: list[tuple[str, str, dict]], *, repo: str = ".", rerun: bool = False) -> None:
+    """For each ``(base, name, overrides)``: applies the existing experiment ``base`` to the workspace
+    (``dvc exp apply``) and runs it again as ``name`` with ``overrides`` (keys of the stages after
+    dp_finetune only, checked). dp_finetune is up to date, so it does not run: the same DP release is
+    sampled and scored anew (post-processing, no new budget; its ledger is the base's). After each run the
+    release's hash in dvc.lock is compared with the base's: a re-trained model stops the sweep."""
+    stages = read_stages(repo)
+    model = stage_paths(stages, "dp_finetune")["model"]
+    for _, _, overrides in pairs:
+        check_rescore_keys(overrides, stages)
+    params_file = Path(repo) / "params.yaml"
+    original = params_file.read_text()
+    try:
+        existing = set(comparison(repo=repo, num_commits=100)["experiment"])
+        for base, name, overrides in pairs:
+            if base not in existing:
+                raise SystemExit(f"experiment {base} not found in this workspace (dvc exp show): nothing to re-score")
+            if name in existing:
+                if not rerun:
+                    print(f"rescore: experiment {name} exists, kept (--rerun to replace it)")
+                    continue
+                dvc("exp", "remove", name, repo=repo)
+            dvc("exp", "apply", base, repo=repo)
+            before = _release_hash(repo, model)
+            dvc(*exp_run_args(name, overrides), *TARGETS, repo=repo)
+            if _release_hash(repo, model) != before:
+                raise RuntimeError(f"re-scoring {base} as {name} trained {model} again: not a re-score")
+    finally:
+        params_file.write_text(original)
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -148,8 +213,6 @@ def comparison(names: list[str] | None = None, *, repo: str = ".", num_commits: 
     """One row per experiment, from dvc.api.exp_show (what ``dvc exp show`` prints); experiments
     branched from the last ``num_commits`` commits count."""
     import dvc.api
-
-    from pipeline.boundary import read_stages, stage_paths
 
     ledger = stage_paths(read_stages(repo), "dp_finetune")["ledger"]
     rows, baseline_seen = [], False

@@ -1,4 +1,7 @@
 """The sweep's settings: how --extra / --set strings become experiment params, and the plot's labels."""
+import re
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -188,3 +191,25 @@ def test_coverage_cuts_every_set_to_the_same_stratified_size():
     assert list(y) == [0, 0, 1, 1, 2, 2] and list(x[:, 0, 0, 0]) == [0, 2, 1, 3, 6, 7]  # the first two of each class
     with pytest.raises(SystemExit, match=r"classes \[1, 2\] have fewer"):
         c.stratified(images, labels, 12)  # 4 per class: classes 1 and 2 hold only 3
+
+
+def test_rescoring_refuses_keys_that_would_train_the_dp_model_again():
+    from pipeline.boundary import read_stages
+    from pipeline.sweep import check_rescore_keys, upstream_params
+
+    stages = read_stages(Path(__file__).resolve().parents[1])
+    keys = upstream_params(stages)
+    # dp_finetune's own params and those of every stage before it (found through deps and outs), not the later ones'
+    assert {"finetune", "ldm", "ae", "data.private", "runtime.seeds.pretrain_ae"} <= keys
+    assert not any(k.startswith(("sample", "fid", "classifier", "runtime.seeds.sample")) for k in keys)
+    check_rescore_keys({"sample.per_class": 1000, "classifier.cnn_epochs": 16, "runtime.seeds.sample": 2}, stages)
+    for key in ("finetune.epsilon", "finetune", "ldm.lr", "runtime.threads", "runtime", "data.private.n_train"):
+        with pytest.raises(SystemExit, match=re.escape(key)):
+            check_rescore_keys({key: 1}, stages)
+    q = _benchmark("quality")
+    grid = q.settings([10.0], 2, {})
+    pairs = q.rescored(grid, "pc1000", {"sample.per_class": 1000})
+    assert [(b, n) for b, n, _ in pairs] == [(g[0], g[0] + "-pc1000") for g in grid]
+    assert all(o == {"sample.per_class": 1000} for _, _, o in pairs)  # the base runs' own params come with exp apply
+    with pytest.raises(SystemExit, match="--rescore"):
+        q.rescored(grid, "bad tag", {})
