@@ -134,22 +134,32 @@ def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".", rerun: bool 
         params_file.write_text(original)  # the workspace's own params stay as they were
 
 
-def upstream_params(stages: dict, stage: str = "dp_finetune") -> set[str]:
-    """The params keys that ``stage`` and every stage it depends on (transitively, through dvc.yaml's
-    deps and outs) read: a change to any of them re-runs ``stage``."""
+def ancestors(stages: dict, stage: str) -> set[str]:
+    """``stage`` and every stage it depends on, transitively, through dvc.yaml's deps and outs."""
     producer = {path: name for name, path, _ in outputs(stages)}
-    keys: set[str] = set()
     seen: set[str] = set()
     todo = [stage]
     while todo:
         name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
+        if name not in seen:
+            seen.add(name)
+            todo += [producer[d] for d in stages[name].get("deps", []) if d in producer]
+    return seen
+
+
+def upstream_params(stages: dict, stage: str = "dp_finetune") -> set[str]:
+    """The params keys that ``stage`` and every stage before it read: a change to any of them re-runs ``stage``."""
+    keys: set[str] = set()
+    for name in ancestors(stages, stage):
         for entry in stages[name].get("params", []):
             keys.update([entry] if isinstance(entry, str) else [k for ks in entry.values() for k in ks])
-        todo += [producer[d] for d in stages[name].get("deps", []) if d in producer]
     return keys
+
+
+def rescore_starts(stages: dict, model: str) -> list[str]:
+    """The stages that read the DP release ``model`` on the way to the scores (sample, not the audit)."""
+    before_scores = set().union(*(ancestors(stages, t) for t in TARGETS))
+    return [name for name, st in stages.items() if model in st.get("deps", []) and name in before_scores]
 
 
 def check_rescore_keys(overrides: dict, stages: dict) -> None:
@@ -170,11 +180,13 @@ def _release_hash(repo: str, path: str) -> str | None:
 def rescore_sweep(pairs: list[tuple[str, str, dict]], *, repo: str = ".", rerun: bool = False) -> None:
     """For each ``(base, name, overrides)``: applies the existing experiment ``base`` to the workspace
     (``dvc exp apply``) and runs it again as ``name`` with ``overrides`` (keys of the stages after
-    dp_finetune only, checked). dp_finetune is up to date, so it does not run: the same DP release is
-    sampled and scored anew (post-processing, no new budget; its ledger is the base's). After each run the
-    release's hash in dvc.lock is compared with the base's: a re-trained model stops the sweep."""
+    dp_finetune only, checked). Only the stages from the release's readers on run (``--downstream
+    sample``), never dp_finetune: the same DP release is sampled and scored anew (post-processing, no
+    new budget; its ledger is the base's). After each run the release's hash in dvc.lock is compared
+    with the base's: a re-trained model stops the sweep."""
     stages = read_stages(repo)
     model = stage_paths(stages, "dp_finetune")["model"]
+    starts = rescore_starts(stages, model)
     for _, _, overrides in pairs:
         check_rescore_keys(overrides, stages)
     params_file = Path(repo) / "params.yaml"
@@ -191,7 +203,9 @@ def rescore_sweep(pairs: list[tuple[str, str, dict]], *, repo: str = ".", rerun:
                 dvc("exp", "remove", name, repo=repo)
             dvc("exp", "apply", base, repo=repo)
             before = _release_hash(repo, model)
-            dvc(*exp_run_args(name, overrides), *TARGETS, repo=repo)
+            # --downstream: from the stages after the release only. dp_finetune itself looks changed after
+            # `exp apply` (its private dvclive folder is never in git), and must not run again
+            dvc(*exp_run_args(name, overrides), "--downstream", *starts, repo=repo)
             if _release_hash(repo, model) != before:
                 raise RuntimeError(f"re-scoring {base} as {name} trained {model} again: not a re-score")
     finally:

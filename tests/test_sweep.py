@@ -213,3 +213,15 @@ def test_rescoring_refuses_keys_that_would_train_the_dp_model_again():
     assert all(o == {"sample.per_class": 1000} for _, _, o in pairs)  # the base runs' own params come with exp apply
     with pytest.raises(SystemExit, match="--rescore"):
         q.rescored(grid, "bad tag", {})
+
+
+def test_rescoring_starts_after_the_dp_release_and_never_runs_the_audit():
+    from pipeline.boundary import read_stages, stage_paths
+    from pipeline.sweep import TARGETS, ancestors, rescore_starts
+
+    stages = read_stages(Path(__file__).resolve().parents[1])
+    model = stage_paths(stages, "dp_finetune")["model"]
+    starts = rescore_starts(stages, model)
+    assert starts == ["sample"]  # reads the release on the way to the scores; the audit (its own DP run) does not
+    assert "dp_finetune" not in starts and all("dp_finetune" in ancestors(stages, t) for t in TARGETS)
+    assert {"prepare_private", "encode_private", "pretrain_ldm", "dp_finetune"} <= ancestors(stages, "sample")
