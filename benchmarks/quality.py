@@ -113,7 +113,7 @@ def main(argv=None) -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     if args.rescore:
         pairs = rescored(grid, args.rescore, common)
-        grid = [(new, row, s) for (new, _, _), (_, row, s) in zip(pairs, grid, strict=True)]
+        grid = [(new, row, s) for (_, new, _), (_, row, s) in zip(pairs, grid, strict=True)]  # the table: the new runs
         if not args.compare_only:
             rescore_sweep(pairs, rerun=args.rerun)
     elif not args.compare_only:

@@ -193,7 +193,7 @@ def test_coverage_cuts_every_set_to_the_same_stratified_size():
         c.stratified(images, labels, 12)  # 4 per class: classes 1 and 2 hold only 3
 
 
-def test_rescoring_refuses_keys_that_would_train_the_dp_model_again():
+def test_rescoring_refuses_keys_that_would_train_the_dp_model_again(tmp_path):
     from pipeline.boundary import read_stages
     from pipeline.sweep import check_rescore_keys, upstream_params
 
@@ -213,6 +213,16 @@ def test_rescoring_refuses_keys_that_would_train_the_dp_model_again():
     assert all(o == {"sample.per_class": 1000} for _, _, o in pairs)  # the base runs' own params come with exp apply
     with pytest.raises(SystemExit, match="--rescore"):
         q.rescored(grid, "bad tag", {})
+    # the table is built from the re-scored runs, not their bases: main() with the sweep and the comparison stubbed
+    seen = {}
+    q.rescore_sweep = lambda pairs, rerun: seen.setdefault("pairs", pairs)
+    q.comparison = lambda names: seen.setdefault("names", names) and pd.DataFrame(
+        [{"experiment": n, "cnn_accuracy": 0.5, "cnn_accuracy_std": 0.0, "epsilon_spent": None, "fid_domain": 1.0,
+          "mlp_accuracy": 0.4, "logreg_accuracy": 0.3, "label_consistency": 0.5} for n in names])
+    q.main(["--rescore", "t1", "--runs", "1", "--epsilons", "10", "--set", "sample.per_class=7", "--out", str(tmp_path / "q")])
+    assert seen["names"] == ["q-public-only-t1", "q-eps10-run1-t1", "q-nonprivate-t1"]
+    assert [b for b, _, _ in seen["pairs"]] == ["q-public-only", "q-eps10-run1", "q-nonprivate"]
+    assert "q-eps10-run1-t1" in (tmp_path / "q.md").read_text() and "q-eps10-run1 " not in (tmp_path / "q.md").read_text()
 
 
 def test_rescoring_starts_after_the_dp_release_and_never_runs_the_audit():
