@@ -29,6 +29,12 @@ def outputs(stages: dict) -> list[tuple[str, str, dict]]:
             for name, st in stages.items() for o in st.get("outs", [])]
 
 
+def stage_needs(stages: dict) -> dict[str, set[str]]:
+    """For each stage, the stages whose outputs it lists as deps (dvc.yaml's graph)."""
+    producer = {path: name for name, path, _ in outputs(stages)}
+    return {name: {producer[d] for d in st.get("deps", []) if d in producer} for name, st in stages.items()}
+
+
 def _cmd_pairs(stage: dict, flags: tuple[str, ...]) -> dict[str, str]:
     words = stage["cmd"].split()
     return dict(words[i + 1].split("=", 1) for i, w in enumerate(words[:-1]) if w in flags)

@@ -26,7 +26,7 @@ from prefect.states import Completed
 
 from dpldm.config import with_overrides
 from dpldm.ledger import Ledger
-from pipeline.boundary import check_boundary, private_only_stages, read_stages, stage_paths
+from pipeline.boundary import check_boundary, private_only_stages, read_stages, stage_needs, stage_paths
 
 # DVC's own lines about a stage: the only lines of a private-only stage's output that reach Prefect's logs
 DVC_CONTROL = ("Running stage", "Stage '", "Updating lock file", "Use `dvc push`", "To track the changes", "ERROR:", "error:")
@@ -44,12 +44,8 @@ def stage_env() -> dict:
 
 def stage_order(repo: str | os.PathLike = ".") -> list[str]:
     """Stages of dvc.yaml in a topological order of their deps/outs (ties kept in file order)."""
-    stages = yaml.safe_load((Path(repo) / "dvc.yaml").read_text())["stages"]
-    produced = {}
-    for name, st in stages.items():
-        for out in st.get("outs", []):
-            produced[out if isinstance(out, str) else next(iter(out))] = name
-    needs = {name: {produced[d] for d in st.get("deps", []) if d in produced} for name, st in stages.items()}
+    stages = read_stages(repo)
+    needs = stage_needs(stages)
     order, done = [], set()
     while len(order) < len(stages):
         ready = [n for n in stages if n not in done and needs[n] <= done]

@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 
 from dpldm.ledger import Ledger
-from pipeline.boundary import outputs, read_stages, stage_paths
+from pipeline.boundary import read_stages, stage_needs, stage_paths
 
 UPSTREAM = ("pretrain_ldm", "encode_private", "reference")
 TARGETS = ("score_fid", "score_classifier")  # what an experiment reproduces; the audit only with --with-audit
@@ -112,6 +112,17 @@ def exp_run_args(name: str, setting: dict) -> list[str]:
     return args
 
 
+def kept(name: str, existing: set[str], *, rerun: bool, repo: str, who: str) -> bool:
+    """True when experiment ``name`` exists and is kept (an interrupted sweep resumes); with ``rerun`` an
+    existing one is removed first (not `exp run --force`: that re-runs every stage) and False returned."""
+    if name in existing:
+        if not rerun:
+            print(f"{who}: experiment {name} exists, kept (--rerun to replace it)")
+            return True
+        dvc("exp", "remove", name, repo=repo)
+    return False
+
+
 def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".", rerun: bool = False, audit: bool = False) -> None:
     """Runs each setting as a named experiment (the stages up to the scores; the privacy audit too with
     ``audit``); one that already exists is kept (an interrupted sweep resumes) unless ``rerun``."""
@@ -121,11 +132,8 @@ def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".", rerun: bool 
     try:
         existing = set(comparison(repo=repo)["experiment"]) if (Path(repo) / "dvc.lock").exists() else set()
         for name, s in settings:
-            if name in existing:
-                if not rerun:
-                    print(f"sweep: experiment {name} exists, kept (--rerun to replace it)")
-                    continue
-                dvc("exp", "remove", name, repo=repo)  # not `exp run --force`: that re-runs every stage
+            if kept(name, existing, rerun=rerun, repo=repo, who="sweep"):
+                continue
             # `dvc exp run` leaves the previous experiment's params in the workspace: start each one from
             # the sweep's own baseline, or a setting would silently inherit the one before it
             params_file.write_text(original)
@@ -136,14 +144,14 @@ def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".", rerun: bool 
 
 def ancestors(stages: dict, stage: str) -> set[str]:
     """``stage`` and every stage it depends on, transitively, through dvc.yaml's deps and outs."""
-    producer = {path: name for name, path, _ in outputs(stages)}
+    needs = stage_needs(stages)
     seen: set[str] = set()
     todo = [stage]
     while todo:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
-            todo += [producer[d] for d in stages[name].get("deps", []) if d in producer]
+            todo += needs[name]
     return seen
 
 
@@ -196,11 +204,8 @@ def rescore_sweep(pairs: list[tuple[str, str, dict]], *, repo: str = ".", rerun:
         for base, name, overrides in pairs:
             if base not in existing:
                 raise SystemExit(f"experiment {base} not found in this workspace (dvc exp show): nothing to re-score")
-            if name in existing:
-                if not rerun:
-                    print(f"rescore: experiment {name} exists, kept (--rerun to replace it)")
-                    continue
-                dvc("exp", "remove", name, repo=repo)
+            if kept(name, existing, rerun=rerun, repo=repo, who="rescore"):
+                continue
             dvc("exp", "apply", base, repo=repo)
             before = _release_hash(repo, model)
             # --downstream: from the stages after the release only. dp_finetune itself looks changed after
