@@ -91,7 +91,13 @@ def main() -> None:
         folder, seconds = train(name, with_overrides(params, over), Path(args.work), latents=args.latents)
         model, ldm_cfg, conf = load_ldm(folder)
         model.eval()
-        heldout = json.loads((folder.parent / "live" / "metrics.json").read_text()).get("test_loss_ema", float("nan"))
+        live = folder.parent / "live" / "metrics.json"
+        if live.exists():
+            heldout = json.loads(live.read_text()).get("test_loss_ema", float("nan"))
+        else:  # a pre-placed model (trained by `dvc repro`) may come without the stage's live folder
+            heldout = float("nan")
+            print(f"{name}: no {live}: held-out loss not recorded (nan); copy the stage's dvclive folder there to keep it",
+                  flush=True)
         mine = public_rows(model, ae, judge, [setting], ldm_cfg=ldm_cfg, conf=conf, ae_conf=ae_conf,
                            scheduler=make_scheduler(ldm_cfg), args=args)
         for r in mine:

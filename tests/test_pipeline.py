@@ -180,6 +180,12 @@ def test_public_ldm_variants_train_with_the_stage_and_are_judged_on_public_data(
     assert len(csv_rows) == 1 + 2 * 2  # header + 2 variants x 2 seeds
     again = run(args[:4] + ["--seeds", "1", "--per-class", "6", "--out", str(tmp_path / "w")], tmp_path)
     assert "default: reusing" in again.stdout  # a second invocation only adds variants
+    # a reused model without the stage's live metrics (pre-placed by hand) is judged, its held-out loss nan
+    (tmp_path / "build/public_ldm_variants/default/live/metrics.json").unlink()
+    third = run(args[:4] + ["--seeds", "1", "--per-class", "6", "--out", str(tmp_path / "u")], tmp_path)
+    assert "held-out loss not recorded" in third.stdout
+    row = [ln for ln in (tmp_path / "u.md").read_text().splitlines() if ln.startswith("| default")][0]
+    assert row.split("|")[3].strip() == "nan", row
     assert not (tmp_path / "data/private").exists() and not (tmp_path / "models/ldm_private").exists()
 
 
