@@ -11,7 +11,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 stamp="$VENV/.installed-$(cat requirements.txt constraints.txt pyproject.toml | sha256sum | cut -c1-16)"
-# uv (pinned, into the venv) installs the same pins about 10x faster than pip (20 s against 220 s here,
+# uv (pinned, into the venv) installs the same pins about 10x faster than pip (15-20 s against 210-240 s here,
 # README); it is told pip's own index, find-links, constraint and CA settings. pip remains the fallback.
 UV_VERSION=0.13.9
 pip_setting() {  # the last value pip's configuration (any scope, PIP_* variables included) gives KEY
