@@ -96,6 +96,13 @@ def test_quality_table_gives_each_epsilon_independent_runs_and_averages_over_the
     eps10 = [s for n, row, s in grid if row == "epsilon 10"]
     assert len(eps10) == 3 and len({s["runtime.seeds.dp_finetune"] for s in eps10}) == 3  # params differ: DVC runs each
     assert all(s["sample.per_class"] == 20 and s["finetune.epsilon"] == 10 for s in eps10)
+    # the non-private row's own schedule goes into that row only, under a name of its own
+    own = q.settings([10.0], 1, {"sample.per_class": 20}, {"finetune.epochs": 40, "finetune.lr": 0.006})
+    (np_name, np_row, np_params), dp = own[-1], own[1][2]
+    assert np_row == "non-private" and np_name == "q-nonprivate-epochs40-lr0p006"
+    assert np_params == {"sample.per_class": 20, "finetune.epochs": 40, "finetune.lr": 0.006, "finetune.private": False}
+    assert "finetune.epochs" not in dp and "finetune.lr" not in dp
+    assert q.settings([10.0], 1, {}, {})[-1][0] == "q-nonprivate"
     base = {"experiment": "", "cnn_accuracy_std": 0.01, "mlp_accuracy": 0.5, "logreg_accuracy": 0.4, "fid_domain": 100.0}
     runs = [{**base, "experiment": n, "cnn_accuracy": a, "epsilon_spent": e, "label_consistency": c}
             for n, a, e, c in [("q-eps10-run1", 0.80, 9.99, 0.7), ("q-eps10-run2", 0.90, 9.99, 0.8), ("q-eps10-run3", "!", "!", "!"),
@@ -220,8 +227,13 @@ def test_rescoring_refuses_keys_that_would_train_the_dp_model_again(tmp_path):
         [{"experiment": n, "cnn_accuracy": 0.5, "cnn_accuracy_std": 0.0, "epsilon_spent": None, "fid_domain": 1.0,
           "mlp_accuracy": 0.4, "logreg_accuracy": 0.3, "label_consistency": 0.5} for n in names])
     q.main(["--rescore", "t1", "--runs", "1", "--epsilons", "10", "--set", "sample.per_class=7", "--out", str(tmp_path / "q")])
-    assert seen["names"] == ["q-public-only-t1", "q-eps10-run1-t1", "q-nonprivate-t1"]
-    assert [b for b, _, _ in seen["pairs"]] == ["q-public-only", "q-eps10-run1", "q-nonprivate"]
+    nonprivate = q.nonprivate_name(q.NONPRIVATE)  # the default: the non-private row's own schedule
+    assert seen["names"] == ["q-public-only-t1", "q-eps10-run1-t1", f"{nonprivate}-t1"]
+    assert [b for b, _, _ in seen["pairs"]] == ["q-public-only", "q-eps10-run1", nonprivate]
+    assert f"own schedule: {q.NONPRIVATE}" in (tmp_path / "q.md").read_text()
+    seen.clear()  # an empty --nonprivate-set: the DP defaults, under the old name
+    q.main(["--rescore", "t1", "--runs", "1", "--epsilons", "10", "--nonprivate-set", "--out", str(tmp_path / "q")])
+    assert seen["names"][-1] == "q-nonprivate-t1"
     assert "q-eps10-run1-t1" in (tmp_path / "q.md").read_text() and "q-eps10-run1 " not in (tmp_path / "q.md").read_text()
 
 
