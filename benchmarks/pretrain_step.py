@@ -6,8 +6,10 @@ and the pretraining time they imply (steps from params.yaml). Random inputs: tim
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +21,9 @@ from dpldm.config import load_all, with_overrides
 from dpldm.diffusion import eps_loss, make_scheduler
 from dpldm.models import build_autoencoder, build_ldm, latent_shape
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
+
 
 def timed(step, n: int) -> float:
     step()  # warm-up
@@ -28,12 +33,13 @@ def timed(step, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/pretrain_step.md")
     ap.add_argument("--set", default="", help="params overrides, key=value,key=value (as pipeline.sweep --set)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    started = datetime.datetime.now(datetime.timezone.utc)
     from pipeline.sweep import parse_assignments
 
     overrides = parse_assignments(args.set) if args.set else {}
@@ -72,7 +78,8 @@ def main() -> None:
             ("pretrain_ae (contiguous, as the stage runs)", c["ae"].batch_size,
              timed(make_ae_step(torch.contiguous_format), args.steps), ae_steps),
             ("pretrain_ldm", c["ldm"].batch_size, timed(ldm_step, args.steps), c["ldm"].steps)]
-    lines = [f"{platform.machine()}, {torch.get_num_threads()} threads, {args.steps} timed steps per row, random inputs"
+    lines = [provenance("pretrain_step.py", argv, started), "",
+             f"{platform.machine()}, {torch.get_num_threads()} threads, {args.steps} timed steps per row, random inputs"
              + (f"; overrides {overrides}" if overrides else "") + f"; latents {lat}", "",
              "| stage | batch | s / step | steps (params.yaml) | implied training time (min) |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {s} | {b} | {t:.2f} | {n} | {t * n / 60:.1f} |" for s, b, t, n in rows]

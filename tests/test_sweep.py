@@ -247,3 +247,15 @@ def test_rescoring_starts_after_the_dp_release_and_never_runs_the_audit():
     assert starts == ["sample"]  # reads the release on the way to the scores; the audit (its own DP run) does not
     assert "dp_finetune" not in starts and all("dp_finetune" in ancestors(stages, t) for t in TARGETS)
     assert {"prepare_private", "encode_private", "pretrain_ldm", "dp_finetune"} <= ancestors(stages, "sample")
+
+
+def test_pretrain_step_figure_says_when_and_where_it_was_measured(tmp_path):
+    """The day's step figure is quoted beside every time: its file starts with the command, commit and date."""
+    out = tmp_path / "ps.md"
+    argv = ["--steps", "1", "--set", "ae.batch_size=4,ldm.batch_size=4", "--out", str(out)]
+    _benchmark("pretrain_step").main(argv)
+    first, _, rest = out.read_text().partition("\n")
+    assert first.startswith("`python benchmarks/pretrain_step.py --steps 1 --set ae.batch_size=4,ldm.batch_size=4")
+    assert "commit" in first and "UTC" in first
+    rows = [r for r in rest.splitlines() if r.startswith("| pretrain_")]
+    assert [r.split("|")[2].strip() for r in rows] == ["4", "4", "4"]  # the overridden batch sizes were timed
