@@ -9,7 +9,9 @@ setting re-runs dp_finetune, sample, score_fid and score_classifier). The DP run
 ``runtime.seeds.dp_finetune`` (so that DVC runs each one; their DP noise and Poisson batches are secret,
 hence independent). A DP row reports the mean ± std over its runs of each run's CNN accuracy (itself a mean
 over ``classifier.seeds`` CNN seeds); ``CNN std within a run`` is the mean of the runs' CNN-seed std. The real
-row is the reference stage's classifiers trained on the private train split.
+row is the reference stage's classifiers trained on the private train split. The non-private row fine-tunes the
+same selection with its own schedule (``NONPRIVATE``, chosen on the public proxy; ``--nonprivate-set`` replaces it,
+an empty one gives the DP defaults): the DP defaults are sized for the noise.
 
 Every DP run is a separate release of a model trained on the same private data: the ledger adds them up
 (``epsilon_spent_all_attempts``), and the non-private run, which comes last, voids the total (``inf``). This
@@ -45,6 +47,18 @@ from provenance import provenance  # noqa: E402
 # (benchmarks/finetune_sweep.py, benchmarks/results/finetune_sweep.md), never on the private data.
 # Proxy held-out loss without noise: 0.0360 at the DP defaults' 14 epochs, 0.0311 at 40, 0.0290 at 80.
 NONPRIVATE = {"finetune.epochs": 80}
+SAME_SELECTION = ("finetune.mode", "finetune.layers", "finetune.train_embedder", "finetune.lora", "finetune.private")
+
+
+def check_nonprivate(overrides: dict) -> dict:
+    """The non-private row may change how the same parameters are trained (``finetune.*``), never which ones
+    (the row is "non-private, same selection") nor anything upstream of the fine-tuning."""
+    for key in overrides:
+        if not key.startswith("finetune.") or key.startswith(SAME_SELECTION):
+            raise SystemExit(f"--nonprivate-set {key}: the non-private row takes only finetune.* schedule keys (epochs, lr, "
+                             f"batch_size, ema_decay, noise_multiplicity, ...), not {', '.join(SAME_SELECTION)} or other "
+                             f"sections: it must fine-tune the same selection of the same pretrained model")
+    return overrides
 
 
 def nonprivate_name(overrides: dict) -> str:
@@ -129,7 +143,7 @@ def main(argv=None) -> None:
     if args.runs < 1:
         raise SystemExit(f"--runs {args.runs}: need at least one DP run per epsilon")
     common = parse_assignments(",".join(args.set)) if args.set else {}
-    nonprivate = NONPRIVATE if args.nonprivate_set is None else (
+    nonprivate = NONPRIVATE if args.nonprivate_set is None else check_nonprivate(
         parse_assignments(",".join(args.nonprivate_set)) if args.nonprivate_set else {})
     grid = settings(args.epsilons, args.runs, common, nonprivate)
     started = datetime.datetime.now(datetime.timezone.utc)

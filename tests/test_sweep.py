@@ -234,6 +234,9 @@ def test_rescoring_refuses_keys_that_would_train_the_dp_model_again(tmp_path):
     seen.clear()  # an empty --nonprivate-set: the DP defaults, under the old name
     q.main(["--rescore", "t1", "--runs", "1", "--epsilons", "10", "--nonprivate-set", "--out", str(tmp_path / "q")])
     assert seen["names"][-1] == "q-nonprivate-t1"
+    for bad in ("finetune.layers=[4,7]", "ldm.steps=2000", "finetune.private=true"):  # the same selection, same model
+        with pytest.raises(SystemExit, match=re.escape(bad.split("=")[0])):
+            q.main(["--runs", "1", "--epsilons", "10", "--nonprivate-set", bad, "--out", str(tmp_path / "q")])
     assert "q-eps10-run1-t1" in (tmp_path / "q.md").read_text() and "q-eps10-run1 " not in (tmp_path / "q.md").read_text()
 
 
