@@ -1,7 +1,7 @@
 """Seconds per training step of the AE and the latent UNet at params.yaml's shapes and batch sizes,
 and the pretraining time they imply (steps from params.yaml). Random inputs: timing only.
 
-    python benchmarks/pretrain_step.py [--steps 5] [--out benchmarks/results/pretrain_step.md]
+    python benchmarks/pretrain_step.py [--steps 5] [--compile] [--out benchmarks/results/pretrain_step.md]
         [--set ae.block_out_channels=[16,32,64,64],ae.latent_channels=3]   # time another shape"""
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/pretrain_step.md")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the LDM step under torch.compile, with its one-off compile time in the implied total")
     ap.add_argument("--set", default="", help="params overrides, key=value,key=value (as pipeline.sweep --set)")
     args = ap.parse_args(argv)
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -65,24 +67,34 @@ def main(argv: list[str] | None = None) -> None:
     z, y = torch.randn(c["ldm"].batch_size, *lat), torch.randint(0, 10, (c["ldm"].batch_size,))
     sched = make_scheduler(c["ldm"])
 
-    def ldm_step():
-        loss = eps_loss(ldm, z, y, scheduler=sched).mean()
-        opt2.zero_grad()
-        loss.backward()
-        opt2.step()
+    def make_ldm_step(net):
+        def ldm_step():
+            loss = eps_loss(net, z, y, scheduler=sched).mean()
+            opt2.zero_grad()
+            loss.backward()
+            opt2.step()
+        return ldm_step
 
     n_train = pub.count - (pub.n_test or round(pub.test_fraction * pub.count))
     ae_steps = c["ae"].epochs * math.ceil(n_train / c["ae"].batch_size)
     rows = [("pretrain_ae (channels_last)", c["ae"].batch_size,
-             timed(make_ae_step(torch.channels_last), args.steps), ae_steps),
+             timed(make_ae_step(torch.channels_last), args.steps), ae_steps, 0.0),
             ("pretrain_ae (contiguous, as the stage runs)", c["ae"].batch_size,
-             timed(make_ae_step(torch.contiguous_format), args.steps), ae_steps),
-            ("pretrain_ldm", c["ldm"].batch_size, timed(ldm_step, args.steps), c["ldm"].steps)]
+             timed(make_ae_step(torch.contiguous_format), args.steps), ae_steps, 0.0),
+            ("pretrain_ldm", c["ldm"].batch_size, timed(make_ldm_step(ldm), args.steps), c["ldm"].steps, 0.0)]
+    if args.compile:
+        step = make_ldm_step(torch.compile(ldm))
+        t0 = time.perf_counter()
+        step()  # compiles forward and backward
+        first = time.perf_counter() - t0
+        t = timed(step, args.steps)
+        rows.append(("pretrain_ldm (torch.compile)", c["ldm"].batch_size, t, c["ldm"].steps, max(first - t, 0.0)))
     lines = [provenance("pretrain_step.py", argv, started), "",
              f"{platform.machine()}, {torch.get_num_threads()} threads, {args.steps} timed steps per row, random inputs"
              + (f"; overrides {overrides}" if overrides else "") + f"; latents {lat}", "",
-             "| stage | batch | s / step | steps (params.yaml) | implied training time (min) |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {s} | {b} | {t:.2f} | {n} | {t * n / 60:.1f} |" for s, b, t, n in rows]
+             "| stage | batch | s / step | steps (params.yaml) | one-off compile (s) | implied training time (min) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {s} | {b} | {t:.2f} | {n} | {o:.0f} | {(o + t * n) / 60:.1f} |" for s, b, t, n, o in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

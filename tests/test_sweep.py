@@ -262,3 +262,4 @@ def test_pretrain_step_figure_says_when_and_where_it_was_measured(tmp_path):
     assert "commit" in first and "UTC" in first
     rows = [r for r in rest.splitlines() if r.startswith("| pretrain_")]
     assert [r.split("|")[2].strip() for r in rows] == ["4", "4", "4"]  # the overridden batch sizes were timed
+    assert all(r.split("|")[5].strip() == "0" for r in rows)  # no compile row, no one-off cost, unless --compile
