@@ -2,6 +2,11 @@
 non-private attention-only, DP attention-only, DP LoRA (params.yaml's finetune.lora), DP full, at K=1 and K=4.
 
     python benchmarks/dp_step.py [--steps 6] [--out benchmarks/results/dp_step.md]
+    python benchmarks/dp_step.py --cross-attention-ab [--out benchmarks/results/dp_step_cross_attention.md]
+
+``--cross-attention-ab``: params.yaml's own fine-tuning (DP, its K), with the one-token cross-attention
+shortcut (dpldm.models.OneTokenCrossAttnProcessor, the default) against diffusers' SDPA processor,
+alternated in fresh processes (A B A B ...) so that a drifting machine affects both alike.
 
 Uses the params.yaml LDM architecture and finetune batch sizes, random latents (timing only), and
 the stage's own code (dpldm.finetune: plan_finetune, Finetuning). The random set holds
@@ -27,16 +32,20 @@ CONFIGS = [(label, {"finetune.mode": mode, "finetune.private": private, "finetun
 def one(overrides: dict, steps: int) -> dict:
     import torch
     import yaml
+    from diffusers.models.attention_processor import AttnProcessor2_0
 
     from dpldm.config import load_all, with_overrides
     from dpldm.finetune import Finetuning, plan_finetune
     from dpldm.models import build_ldm
 
+    sdpa_cross_attention = overrides.pop("_sdpa_cross_attention", False)
     cfgs = load_all(with_overrides(yaml.safe_load(Path("params.yaml").read_text()), overrides))
     torch.set_num_threads(cfgs["runtime"].threads or torch.get_num_threads())
     ldm, ft = cfgs["ldm"], cfgs["finetune"]
     n = ft.batch_size * (steps + 1)
     model = build_ldm(ldm, latent_channels=4, latent_size=8)
+    if sdpa_cross_attention:
+        model.unet.set_attn_processor(AttnProcessor2_0())
     selection, plan = plan_finetune(model, ft, n=n)
     run = Finetuning(model, selection, plan, ft, ldm, z=torch.randn(n, 4, 8, 8), y=torch.randint(0, 10, (n,)), seed=0)
     stamps = [time.perf_counter()]
@@ -59,10 +68,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default="benchmarks/results/dp_step.md")
+    ap.add_argument("--cross-attention-ab", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2, help="--cross-attention-ab: A/B pairs")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # JSON {dotted params key: value}
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(json.loads(args.one), args.steps)))
+        return
+    if args.cross_attention_ab:
+        cross_attention_ab(args)
         return
     rows = []
     for label, overrides in CONFIGS:
@@ -76,6 +90,33 @@ def main() -> None:
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {label} | {k} | {r['trainable']:,} | {r['s_per_step']:.2f} | {r['s_per_step'] / base[k]:.2f}x | {r['peak_rss_mib']:.0f} |"
               for label, k, r in rows]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def cross_attention_ab(args) -> None:
+    import datetime
+    import statistics
+
+    from provenance import provenance
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    variants = [("one-token shortcut (default)", {}), ("diffusers SDPA (before)", {"_sdpa_cross_attention": True})]
+    times: dict[str, list[float]] = {label: [] for label, _ in variants}
+    for _ in range(args.repeats):
+        for label, overrides in variants:
+            r = measure(dict(overrides), args.steps)
+            times[label].append(r["s_per_step"])
+            print(label, r, flush=True)
+    base = statistics.mean(times[variants[1][0]])
+    argv = ["--cross-attention-ab", "--steps", str(args.steps), "--repeats", str(args.repeats)]
+    lines = [provenance("dp_step.py", argv, started), "",
+             f"{platform.machine()}, params.yaml's fine-tuning (DP attention, its K and batch), {args.steps} timed logical steps "
+             f"per process (first excluded), {args.repeats} processes per variant, alternated", "",
+             "| cross-attention | s / logical step (each process) | mean | vs SDPA |", "|---|---|---:|---:|"]
+    lines += [f"| {label} | {', '.join(f'{t:.2f}' for t in ts)} | {statistics.mean(ts):.2f} | {statistics.mean(ts) / base:.2f}x |"
+              for label, ts in times.items()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

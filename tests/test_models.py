@@ -103,3 +103,35 @@ def test_class_reaches_the_unet_through_the_chosen_paths(time_path):
         after = model(z, t, y)
     assert not torch.allclose(before[0], after[0])  # class 3 moved
     torch.testing.assert_close(before[1], after[1])  # class 5 did not
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_one_token_cross_attention_matches_full_attention(mode):
+    """The one-token shortcut against diffusers' SDPA processor on the same weights: outputs bit for bit
+    (label dropout's null class included), parameter gradients to rounding, and the cross-attention's
+    to_q / to_k gradients zero up to rounding in both (the softmax over one key is constant)."""
+    import copy
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from dpldm.models import OneTokenCrossAttnProcessor
+
+    torch.manual_seed(0)
+    fast = build_ldm(cfg("ldm"), latent_channels=4, latent_size=8)
+    assert any(isinstance(p, OneTokenCrossAttnProcessor) for p in fast.unet.attn_processors.values())
+    full = copy.deepcopy(fast)
+    full.unet.set_attn_processor(AttnProcessor2_0())
+    for m in (fast, full):
+        getattr(m, mode)()
+    z, t, y = torch.randn(6, 4, 8, 8), torch.tensor([1, 50, 300, 500, 800, 999]), torch.tensor([0, 3, 5, 9, 10, 10])
+    out_fast, out_full = fast(z, t, y), full(z, t, y)
+    assert torch.equal(out_fast, out_full)
+    (out_fast ** 2).mean().backward()
+    (out_full ** 2).mean().backward()
+    grads_full = dict(full.named_parameters())
+    checked = 0
+    for name, p in fast.named_parameters():
+        torch.testing.assert_close(p.grad, grads_full[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+        if ".attn2.to_q." in name or ".attn2.to_k." in name:
+            assert p.grad.abs().max() < 1e-9 and grads_full[name].grad.abs().max() < 1e-9, name
+            checked += 1
+    assert checked == 2 * len(attention_modules(fast))  # to_q and to_k weights (no biases) of every module
