@@ -2,11 +2,14 @@
 non-private attention-only, DP attention-only, DP LoRA (params.yaml's finetune.lora), DP full, at K=1 and K=4.
 
     python benchmarks/dp_step.py [--steps 6] [--out benchmarks/results/dp_step.md]
-    python benchmarks/dp_step.py --cross-attention-ab [--out benchmarks/results/dp_step_cross_attention.md]
+    python benchmarks/dp_step.py --ab cross-attention [--out benchmarks/results/dp_step_cross_attention.md]
+    python benchmarks/dp_step.py --ab fold [--out benchmarks/results/dp_step_fold.md]
 
-``--cross-attention-ab``: params.yaml's own fine-tuning (DP, its K), with the one-token cross-attention
-shortcut (dpldm.models.OneTokenCrossAttnProcessor, the default) against diffusers' SDPA processor,
-alternated in fresh processes (A B A B ...) so that a drifting machine affects both alike.
+``--ab``: params.yaml's own fine-tuning (DP, its K), the default against what it replaced, alternated in
+fresh processes (A B A B ...) so that a drifting machine affects both alike. ``cross-attention``: the
+one-token cross-attention shortcut (dpldm.models.OneTokenCrossAttnProcessor) against diffusers' SDPA
+processor; ``fold``: the K-average formed in opacus' hooks (dpldm.privacy.KFoldedGradSampleModule)
+against per-row gradients averaged by the optimizer.
 
 Uses the params.yaml LDM architecture and finetune batch sizes, random latents (timing only), and
 the stage's own code (dpldm.finetune: plan_finetune, Finetuning). The random set holds
@@ -39,6 +42,11 @@ def one(overrides: dict, steps: int) -> dict:
     from dpldm.models import build_ldm
 
     sdpa_cross_attention = overrides.pop("_sdpa_cross_attention", False)
+    if overrides.pop("_per_row_gradients", False):
+        import functools
+
+        import dpldm.finetune
+        dpldm.finetune.make_private = functools.partial(dpldm.finetune.make_private, fold_in_hooks=False)
     cfgs = load_all(with_overrides(yaml.safe_load(Path("params.yaml").read_text()), overrides))
     torch.set_num_threads(cfgs["runtime"].threads or torch.get_num_threads())
     ldm, ft = cfgs["ldm"], cfgs["finetune"]
@@ -68,15 +76,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default="benchmarks/results/dp_step.md")
-    ap.add_argument("--cross-attention-ab", action="store_true")
-    ap.add_argument("--repeats", type=int, default=2, help="--cross-attention-ab: A/B pairs")
+    ap.add_argument("--ab", choices=sorted(AB))
+    ap.add_argument("--repeats", type=int, default=2, help="--ab: A/B pairs")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # JSON {dotted params key: value}
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(json.loads(args.one), args.steps)))
         return
-    if args.cross_attention_ab:
-        cross_attention_ab(args)
+    if args.ab:
+        ab(args)
         return
     rows = []
     for label, overrides in CONFIGS:
@@ -95,14 +103,22 @@ def main() -> None:
     print("\n".join(lines))
 
 
-def cross_attention_ab(args) -> None:
+AB = {
+    "cross-attention": ("cross-attention", [("one-token shortcut (default)", {}),
+                                            ("diffusers SDPA (before)", {"_sdpa_cross_attention": True})]),
+    "fold": ("per-example gradients", [("K rows folded in opacus' hooks (default)", {}),
+                                       ("per-row, averaged by the optimizer (before)", {"_per_row_gradients": True})]),
+}
+
+
+def ab(args) -> None:
     import datetime
     import statistics
 
     from provenance import provenance
 
     started = datetime.datetime.now(datetime.timezone.utc)
-    variants = [("one-token shortcut (default)", {}), ("diffusers SDPA (before)", {"_sdpa_cross_attention": True})]
+    what, variants = AB[args.ab]
     times: dict[str, list[float]] = {label: [] for label, _ in variants}
     for _ in range(args.repeats):
         for label, overrides in variants:
@@ -110,11 +126,10 @@ def cross_attention_ab(args) -> None:
             times[label].append(r["s_per_step"])
             print(label, r, flush=True)
     base = statistics.mean(times[variants[1][0]])
-    argv = ["--cross-attention-ab", "--steps", str(args.steps), "--repeats", str(args.repeats)]
-    lines = [provenance("dp_step.py", argv, started), "",
+    lines = [provenance("dp_step.py", None, started), "",
              f"{platform.machine()}, params.yaml's fine-tuning (DP attention, its K and batch), {args.steps} timed logical steps "
              f"per process (first excluded), {args.repeats} processes per variant, alternated", "",
-             "| cross-attention | s / logical step (each process) | mean | vs SDPA |", "|---|---|---:|---:|"]
+             f"| {what} | s / logical step (each process) | mean | vs before |", "|---|---|---:|---:|"]
     lines += [f"| {label} | {', '.join(f'{t:.2f}' for t in ts)} | {statistics.mean(ts):.2f} | {statistics.mean(ts) / base:.2f}x |"
               for label, ts in times.items()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,9 @@ def guess_and_bound(scores: np.ndarray, included: np.ndarray, *, k_pos: int, k_n
 
 class GradientCanaries:
     """Dirac gradient canaries over a list of parameters, injected into a ``KAveragedDPOptimizer``
-    (which calls ``inject`` before regrouping its K rows and ``observe`` after adding noise).
+    (which calls ``inject`` before it averages its rows per example and ``observe`` after adding noise).
+    A canary is an example of ``k`` rows, as the training data's examples are; the rows already folded
+    into one by the per-sample-gradient module (``optimizer.folded``) arrive as one row.
 
     ``generator`` drives the auditor's secrets: the inclusion bits, the coordinates and the canaries'
     Poisson sampling. ``raw_norm`` (default 10 x clip norm) is the canary gradient's norm before clipping.
@@ -110,13 +112,17 @@ class GradientCanaries:
         sampled = torch.nonzero(self.included & (torch.rand(len(self.included), generator=self.generator) < self.sample_rate))
         sampled = sampled.flatten()
         self.injected[sampled] += 1
-        n_rows = len(sampled) * self.k
+        folded = getattr(optimizer, "folded", 1)
+        if self.k % folded:
+            raise ValueError(f"canaries of {self.k} rows cannot pass a module that folds {folded} rows per example")
+        k = self.k // folded  # rows per canary as the optimizer receives them
+        n_rows = len(sampled) * k
         for pi, p in enumerate(self.params):
             g = optimizer._get_flat_grad_sample(p)  # [rows, *p.shape]
             extra = torch.zeros(n_rows, p.numel(), dtype=g.dtype, device=g.device)
             for j, c in enumerate(sampled.tolist()):
                 if int(self.param_of[c]) == pi:
-                    extra[j * self.k:(j + 1) * self.k, int(self.index_in[c])] = self.raw_norm  # K adjacent rows
+                    extra[j * k:(j + 1) * k, int(self.index_in[c])] = self.raw_norm  # K adjacent rows
             p.grad_sample = torch.cat([g, extra.view(n_rows, *p.shape)])
 
     def observe(self, optimizer) -> None:

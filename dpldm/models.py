@@ -81,10 +81,11 @@ class OneTokenCrossAttnProcessor(AttnProcessor2_0):
     """diffusers' SDPA processor, with a shortcut for cross-attention to a one-token context (our class
     token): the softmax over one key is exactly 1, so every query position gets the same output. It is
     computed for the first position only and broadcast; ``to_q`` and ``to_k`` stay in the graph (their
-    gradient is exactly zero either way, and opacus still sees every trainable layer run). Same outputs,
-    bit for bit, and the same gradients up to summation order, for about 10% less time per training step
-    on the embedded default (``benchmarks/pretrain_step.py --one-token-ab``). Anything else (a longer
-    context, masks, 4-D input, norms or dropout that act per position) goes the general way."""
+    gradient is zero up to rounding either way, and opacus still sees every trainable layer run). Same
+    outputs, bit for bit, and the same gradients up to summation order, for about 13% less time per LDM
+    training step on the embedded default (``benchmarks/pretrain_step.py``'s last two rows;
+    ``benchmarks/dp_step.py --ab cross-attention``). Anything else (a longer context, masks, 4-D input,
+    norms or dropout that act per position) goes the general way."""
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:

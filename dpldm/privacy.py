@@ -1,10 +1,12 @@
 """Differential privacy for fine-tuning: which parameters train, noise calibration, DP-SGD with
 noise multiplicity, all through opacus' public API.
 
-Noise multiplicity (DPDM, Dockhorn et al. 2022): the model sees B*K example-major rows; opacus
-computes one gradient per row; ``KAveragedDPOptimizer`` averages the K rows of each example
-*before* per-example norms and clipping. The sensitivity stays ``max_grad_norm``, so K costs no
-privacy. With K = 1 it is exactly opacus' ``DPOptimizer``.
+Noise multiplicity (DPDM, Dockhorn et al. 2022): the model sees B*K example-major rows, and each
+example's gradient is the mean over its K rows *before* per-example norms and clipping. The
+sensitivity stays ``max_grad_norm``, so K costs no privacy. ``make_private`` forms that mean inside
+opacus' per-sample-gradient hooks (``KFoldedGradSampleModule``: the K rows are folded into the
+per-layer contraction, so no per-row gradient is stored); ``KAveragedDPOptimizer`` can also average
+K per-row gradients itself, behind a plain ``GradSampleModule``. With K = 1 both are exactly opacus'.
 
 Secret randomness: the DP noise and the Poisson sampling draw from generators seeded from the
 operating system's secure source (``secret_generator``), never from params, logs or checkpoints.
@@ -25,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 from opacus import GradSampleModule
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
@@ -200,13 +203,67 @@ def epsilon_of(*, noise_multiplier: float, sample_rate: float, steps: int, delta
 # DP-SGD with noise multiplicity
 
 
+# opacus per-sample samplers that take any dimensions between the batch and the feature ones, so an
+# example's K rows can be folded into the contraction: nearly all trainable coordinates of an attention
+# selection (Linear 90%, the rest LayerNorm, 1x1 Conv2d, GroupNorm, the class Embedding).
+FOLDABLE = (nn.Linear, nn.LayerNorm, nn.Embedding)
+
+
+def _folded(sampler: Callable, k: int) -> Callable:
+    """``sampler`` on rows regrouped [B, K, ...]: one gradient per example, the sum over its K rows."""
+    def fn(layer, activations, backprops):
+        b = backprops.shape[0] // k
+        return sampler(layer, [a.reshape(b, k, *a.shape[1:]) for a in activations], backprops.reshape(b, k, *backprops.shape[1:]))
+    return fn
+
+
+def _per_row_then_summed(sampler: Callable, k: int) -> Callable:
+    """``sampler`` per row, then summed over each example's K rows."""
+    def fn(layer, activations, backprops):
+        return {p: g.reshape(g.shape[0] // k, k, *g.shape[1:]).sum(1) for p, g in sampler(layer, activations, backprops).items()}
+    return fn
+
+
+class KFoldedGradSampleModule(GradSampleModule):
+    """opacus' GradSampleModule for B*K example-major rows (K draws of (t, noise) per example) that
+    yields per-*example* gradients: the mean over each example's K rows, as the clipping needs them.
+    With ``loss_reduction="mean"`` opacus scales the backprops by the batch length; taking it as B = rows / K
+    makes each row's gradient 1/K of its own, so the sum over K rows is the mean. Linear, LayerNorm and
+    Embedding fold the K rows into their contraction (no per-row gradient is ever stored: about 2x less
+    memory traffic in the hooks and the clipping at K = 2); other trainable layers are computed per row
+    and summed. K = 1 is opacus' module unchanged."""
+
+    def __init__(self, m: nn.Module, *, k: int, **kwargs):
+        super().__init__(m, **kwargs)
+        self.k = k
+        if k > 1:
+            samplers = {}
+            for module in m.modules():
+                if any(p.requires_grad for p in module.parameters(recurse=False)):
+                    t = type(module)
+                    base = GradSampleModule.GRAD_SAMPLERS.get(t, ft_compute_per_sample_gradient)
+                    samplers[t] = _folded(base, k) if t in FOLDABLE else _per_row_then_summed(base, k)
+            self.GRAD_SAMPLERS = samplers  # instance attribute: opacus looks samplers up through self
+
+    def rearrange_grad_samples(self, *, module: nn.Module, backprops: torch.Tensor, loss_reduction: str, batch_first: bool):
+        if self.k > 1 and not hasattr(module, "max_batch_len"):
+            rows = max(a[-1].shape[0] for a in module.activations)
+            if rows % self.k:
+                raise RuntimeError(f"{rows} rows are not a multiple of K = {self.k}: rows must be example-major, K per example")
+            module.max_batch_len = rows // self.k  # B: the mean-loss scaling and the per-example buffers
+        return super().rearrange_grad_samples(module=module, backprops=backprops, loss_reduction=loss_reduction,
+                                              batch_first=batch_first)
+
+
 class KAveragedDPOptimizer(DPOptimizer):
     """opacus' DPOptimizer whose per-row gradients (B*K example-major rows) are averaged over each
-    example's K rows before the per-example norm and clipping. ``expected_batch_size`` is B."""
+    example's K rows before the per-example norm and clipping. ``expected_batch_size`` is B. Behind a
+    ``KFoldedGradSampleModule`` the gradients are already per example: give it ``noise_multiplicity=1``."""
 
     def __init__(self, *args, noise_multiplicity: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.noise_multiplicity = noise_multiplicity
+        self.folded = 1  # rows per example averaged upstream, by the KFoldedGradSampleModule (set by make_private)
         self.canaries = None  # dpldm.audit.GradientCanaries, set only by the privacy audit
 
     def clip_and_accumulate(self):
@@ -275,11 +332,16 @@ def make_private(
     noise_generator: torch.Generator,
     secure_mode: bool = True,
     optimizer_cls: type[KAveragedDPOptimizer] = KAveragedDPOptimizer,
+    fold_in_hooks: bool = True,
 ) -> PrivateTraining:
     """opacus' pieces, put together as PrivacyEngine.make_private does, with our optimizer class and
     loader. Freeze parameters *before* calling this: hooks attach only to trainable modules. Pass
-    ``secret_generator()``s unless the run is explicitly not a DP release."""
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    ``secret_generator()``s unless the run is explicitly not a DP release. The K-average is formed in
+    the hooks (``KFoldedGradSampleModule``), so the optimizer sees one gradient per example;
+    ``fold_in_hooks=False``: opacus' plain module and the optimizer averages K per-row gradients (the
+    same mechanism, slower: ``benchmarks/dp_step.py --ab fold``)."""
+    k_hooks = noise_multiplicity if fold_in_hooks else 1
+    gsm = KFoldedGradSampleModule(model, k=k_hooks, batch_first=True, loss_reduction="mean")
     dp_opt = optimizer_cls(
         optimizer,
         noise_multiplier=plan.noise_multiplier,
@@ -288,8 +350,9 @@ def make_private(
         loss_reduction="mean",
         generator=noise_generator,
         secure_mode=secure_mode,
-        noise_multiplicity=noise_multiplicity,
+        noise_multiplicity=noise_multiplicity // k_hooks,  # rows per example it still has to average
     )
+    dp_opt.folded = gsm.k
     loader = poisson_loader(dataset, plan=plan, generator=sampling_generator)
     accountant = ACCOUNTANTS[plan.accountant]()
     dp_opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))

@@ -8,8 +8,8 @@ from opacus import GradSampleModule
 from helpers import cfg
 from dpldm.diffusion import expand_rows, make_scheduler, q_sample
 from dpldm.models import attention_modules, build_ldm
-from dpldm.privacy import (KAveragedDPOptimizer, PrivacyConfigError, epsilon_of, plan_dp, select_trainable,
-                           validate_plan_inputs)
+from dpldm.privacy import (KAveragedDPOptimizer, KFoldedGradSampleModule, PrivacyConfigError, epsilon_of, plan_dp,
+                           select_trainable, validate_plan_inputs)
 
 CFG = cfg("ldm", block_out_channels=(32, 32), class_time_embedding=True)  # both class-embedder tables
 
@@ -52,13 +52,17 @@ def explicit_clipped_sum(model, names, b, k, clip, seed=0):
     return total
 
 
-def dp_clipped_sum(model, b, k, clip, seed=0, tile=False):
-    gsm = GradSampleModule(model, loss_reduction="mean")
+def dp_clipped_sum(model, b, k, clip, seed=0, tile=False, folded=False):
+    """opacus' clipped per-example sum: K-averaged by the optimizer behind a plain GradSampleModule, or
+    (``folded``) by KFoldedGradSampleModule in the hooks, as make_private wires it."""
+    gsm = KFoldedGradSampleModule(model, k=k, loss_reduction="mean") if folded else GradSampleModule(model, loss_reduction="mean")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = KAveragedDPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
-                               expected_batch_size=b, noise_multiplicity=k)
+                               expected_batch_size=b, noise_multiplicity=1 if folded else k)
     zt, t, y, noise = rows(b, k, seed, tile=tile, dtype=next(model.parameters()).dtype)
     per_row_loss(gsm, zt, t, y, noise).mean().backward()
+    if folded:  # one gradient per example leaves the hooks: no per-row gradient was stored
+        assert all(p.grad_sample.shape[0] == b for p in params)
     opt.clip_and_accumulate()
     return {n: p.summed_grad for n, p in model.named_parameters() if p.requires_grad}
 
@@ -71,25 +75,62 @@ def assert_same_clipped_sums(got, want, names):
         torch.testing.assert_close(got[n], want[n], rtol=1e-7, atol=1e-12)
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_per_example_clipped_gradients_match_explicit_autograd(k):
+@pytest.mark.parametrize("folded", [False, True], ids=["optimizer-averaged", "folded-in-hooks"])
+@pytest.mark.parametrize("mode,k", [("attention", 1), ("attention", 3), ("full", 3)])
+def test_per_example_clipped_gradients_match_explicit_autograd(mode, k, folded):
+    """``full`` also trains ResNet convolutions and GroupNorms: the folded module's per-row-then-summed path."""
     model = tiny_model(dtype=torch.float64)  # float64: the two sums differ only by summation order
-    names = select_trainable(model, mode="attention", layers=(2, 5), train_embedder=True).names
+    names = select_trainable(model, mode=mode, layers=(2, 5), train_embedder=True).names
     ref_model = copy.deepcopy(model)
     clip = 1e-3  # small enough that every example is clipped: norms must be per example, after K-averaging
-    got = dp_clipped_sum(model, b=4, k=k, clip=clip)
+    got = dp_clipped_sum(model, b=4, k=k, clip=clip, folded=folded)
     want = explicit_clipped_sum(ref_model, names, b=4, k=k, clip=clip)
     assert_same_clipped_sums(got, want, names)
 
 
-def test_tiled_rows_would_break_the_equivalence():
+@pytest.mark.parametrize("folded", [False, True], ids=["optimizer-averaged", "folded-in-hooks"])
+def test_tiled_rows_would_break_the_equivalence(folded):
     """The test above can fail: tiling (repeat) instead of example-major rows mixes examples."""
     model = tiny_model()
     names = select_trainable(model, mode="attention", layers=(1, 7), train_embedder=True).names
     ref_model = copy.deepcopy(model)
-    got = dp_clipped_sum(model, b=4, k=3, clip=1e-3, tile=True)
+    got = dp_clipped_sum(model, b=4, k=3, clip=1e-3, tile=True, folded=folded)
     want = explicit_clipped_sum(ref_model, names, b=4, k=3, clip=1e-3)
     assert any(not torch.allclose(got[n], want[n], rtol=1e-3, atol=1e-9) for n in names)
+
+
+class Scale(torch.nn.Module):
+    """A layer opacus has no sampler for: its per-row gradients come from functorch."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(0.5, 1.5, n, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def test_folded_module_averages_layers_without_a_sampler():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5).double(), Scale(5), torch.nn.Linear(5, 1).double())
+    b, k = 4, 3
+    x, target = torch.randn(b * k, 3, dtype=torch.float64), torch.randn(b * k, 1, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    gsm = KFoldedGradSampleModule(model, k=k, loss_reduction="mean")
+    F.mse_loss(gsm(x), target, reduction="none").mean().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert p.grad_sample.shape == (b, *p.shape), name
+        for i in range(b):  # example i's gradient: autograd of the mean of its K rows' losses
+            sl = slice(i * k, (i + 1) * k)
+            want, = torch.autograd.grad(F.mse_loss(ref(x[sl]), target[sl]), [p_ref])
+            torch.testing.assert_close(p.grad_sample[i], want, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_folded_module_refuses_rows_that_are_not_k_per_example():
+    model = torch.nn.Linear(3, 1)
+    gsm = KFoldedGradSampleModule(model, k=3, loss_reduction="mean")
+    with pytest.raises(RuntimeError, match="not a multiple of K = 3"):
+        gsm(torch.randn(7, 3)).mean().backward()
 
 
 def test_dp_step_without_noise_or_clipping_equals_plain_step():
