@@ -3,6 +3,7 @@ layers, and real data, each DP row a mean over independent DP runs.
 
     python benchmarks/quality.py [--runs 3] [--epsilons 1 10] [--set key=value ...] [--compare-only]
     python benchmarks/quality.py --rescore TAG --set sample.per_class=1000 [...]   # the same DP runs, re-scored
+    python benchmarks/quality.py --rows dp --epsilons 10   # only some rows (public-only, dp, non-private)
 
 Each setting is one ``dvc exp`` run by ``pipeline.sweep`` in this workspace (the upstream stages once; every
 setting re-runs dp_finetune, sample, score_fid and score_classifier). The DP runs of one epsilon differ only in
@@ -85,6 +86,15 @@ def settings(epsilons: list[float], runs: int, common: dict, nonprivate: dict | 
     return out
 
 
+ROWS = ("public-only", "dp", "non-private")
+
+
+def only_rows(grid: list[tuple[str, str, dict]], rows: list[str]) -> list[tuple[str, str, dict]]:
+    """The settings of the chosen rows (``ROWS``: public-only, dp = every epsilon row, non-private), in order."""
+    kind = lambda row: "dp" if row.startswith("epsilon ") else row
+    return [g for g in grid if kind(g[1]) in rows]
+
+
 def rescored(grid: list[tuple[str, str, dict]], tag: str, common: dict) -> list[tuple[str, str, dict]]:
     """[(existing experiment, its re-scored name, overrides)] for ``--rescore TAG``."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", tag):
@@ -139,6 +149,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rerun", action="store_true", help="replace experiments of the same name")
     ap.add_argument("--rescore", metavar="TAG", default="",
                     help="re-score the existing experiments as NAME-TAG with --set (post-processing keys only)")
+    ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+                    help="run (and tabulate) only these rows; the others keep their experiments (default: all)")
     ap.add_argument("--step-figure", default="", help="that day's benchmarks/pretrain_step.py figure, for provenance")
     ap.add_argument("--out", default="benchmarks/results/quality")
     args = ap.parse_args(argv)
@@ -147,7 +159,7 @@ def main(argv=None) -> None:
     common = parse_assignments(",".join(args.set)) if args.set else {}
     nonprivate = NONPRIVATE if args.nonprivate_set is None else check_nonprivate(
         parse_assignments(",".join(args.nonprivate_set)) if args.nonprivate_set else {})
-    grid = settings(args.epsilons, args.runs, common, nonprivate)
+    grid = only_rows(settings(args.epsilons, args.runs, common, nonprivate), args.rows)
     started = datetime.datetime.now(datetime.timezone.utc)
     if args.rescore:
         pairs = rescored(grid, args.rescore, common)

@@ -119,6 +119,9 @@ def test_quality_table_gives_each_epsilon_independent_runs_and_averages_over_the
         "epsilon 10", "label consistency"] == "-"
     assert t.loc["real private train data", "CNN accuracy %"] == "96.0" and "other" not in t["experiments"].str.cat()
     assert list(t.index) == ["public-only", "epsilon 10", "real private train data"]
+    # --rows: only the chosen rows' settings run and enter the table, the order kept
+    assert [n for n, _, _ in q.only_rows(grid, ["dp"])] == [f"q-eps{e}-run{r}" for e in (1, 10) for r in (1, 2, 3)]
+    assert [row for _, row, _ in q.only_rows(grid, ["non-private", "public-only"])] == ["public-only", "non-private"]
 
 
 def test_benchmark_tables_start_with_the_exact_command_and_commit():
@@ -238,6 +241,9 @@ def test_rescoring_refuses_keys_that_would_train_the_dp_model_again(tmp_path):
         with pytest.raises(SystemExit, match=re.escape(bad.split("=")[0])):
             q.main(["--runs", "1", "--epsilons", "10", "--nonprivate-set", bad, "--out", str(tmp_path / "q")])
     assert "q-eps10-run1-t1" in (tmp_path / "q.md").read_text() and "q-eps10-run1 " not in (tmp_path / "q.md").read_text()
+    seen.clear()  # --rows dp: the DP runs only
+    q.main(["--rescore", "t2", "--rows", "dp", "--runs", "2", "--epsilons", "10", "--out", str(tmp_path / "q")])
+    assert seen["names"] == ["q-eps10-run1-t2", "q-eps10-run2-t2"]
 
 
 def test_rescoring_starts_after_the_dp_release_and_never_runs_the_audit():
@@ -261,5 +267,6 @@ def test_pretrain_step_figure_says_when_and_where_it_was_measured(tmp_path):
     assert first.startswith("`python benchmarks/pretrain_step.py --steps 1 --set ae.batch_size=4,ldm.batch_size=4")
     assert "commit" in first and "UTC" in first
     rows = [r for r in rest.splitlines() if r.startswith("| pretrain_")]
-    assert [r.split("|")[2].strip() for r in rows] == ["4", "4", "4"]  # the overridden batch sizes were timed
+    assert [r.split("|")[2].strip() for r in rows] == ["4", "4", "4", "4"]  # the overridden batch sizes were timed
+    assert rows[-1].startswith("| pretrain_ldm (SDPA cross-attention: the day figure)")  # the same figure across days
     assert all(r.split("|")[5].strip() == "0" for r in rows)  # no compile row, no one-off cost, unless --compile
