@@ -4,14 +4,12 @@ non-private attention-only, DP attention-only, DP LoRA (params.yaml's finetune.l
     python benchmarks/dp_step.py [--steps 6] [--out benchmarks/results/dp_step.md]
     python benchmarks/dp_step.py --ab cross-attention [--out benchmarks/results/dp_step_cross_attention.md]
     python benchmarks/dp_step.py --ab fold [--out benchmarks/results/dp_step_fold.md]
-    python benchmarks/dp_step.py --ab denormals [--out benchmarks/results/dp_step_denormals.md]
 
 ``--ab``: params.yaml's own fine-tuning (DP, its K), the default against what it replaced, alternated in
 fresh processes (A B A B ...) so that a drifting machine affects both alike. ``cross-attention``: the
 one-token cross-attention shortcut (dpldm.models.OneTokenCrossAttnProcessor) against diffusers' SDPA
 processor; ``fold``: the K-average formed in opacus' hooks (dpldm.privacy.KFoldedGradSampleModule)
-against per-row gradients averaged by the optimizer; ``denormals``: the DP loop with float denormals flushed to
-zero (dpldm.privacy.flush_denormals) against kept.
+against per-row gradients averaged by the optimizer.
 
 Uses the params.yaml LDM architecture and finetune batch sizes, random latents (timing only), and
 the stage's own code (dpldm.finetune: plan_finetune, Finetuning). The random set holds
@@ -44,11 +42,6 @@ def one(overrides: dict, steps: int) -> dict:
     from dpldm.models import build_ldm
 
     sdpa_cross_attention = overrides.pop("_sdpa_cross_attention", False)
-    if overrides.pop("_keep_denormals", False):
-        import contextlib
-
-        import dpldm.privacy
-        dpldm.privacy.flush_denormals = contextlib.nullcontext
     if overrides.pop("_per_row_gradients", False):
         import functools
 
@@ -115,8 +108,6 @@ AB = {
                                             ("diffusers SDPA (before)", {"_sdpa_cross_attention": True})]),
     "fold": ("per-example gradients", [("K rows folded in opacus' hooks (default)", {}),
                                        ("per-row, averaged by the optimizer (before)", {"_per_row_gradients": True})]),
-    "denormals": ("float denormals in the DP loop", [("flushed to zero (default)", {}),
-                                                     ("kept (before)", {"_keep_denormals": True})]),
 }
 
 

@@ -363,21 +363,6 @@ def make_private(
 # The training loop of one epoch (DP or not)
 
 
-@contextlib.contextmanager
-def flush_denormals():
-    """Float denormals (below 1.2e-38) read and written as zero on the CPU (x86 FTZ/DAZ) inside the block, off
-    again after it. The per-example gradients of weights whose gradient is zero up to rounding (the cross-attention's
-    to_q / to_k: the softmax over the one class token is constant) are such tiny numbers, and their squares in the
-    per-example norms are denormals, which the CPU handles in slow microcode: 0.91x the DP step time with the flush
-    (``benchmarks/dp_step.py --ab denormals``). Clipping stays sound: the norm is taken of the same flushed
-    gradient it scales."""
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
-
-
 def train_epoch(
     *,
     loader: torch.utils.data.DataLoader,
@@ -394,7 +379,7 @@ def train_epoch(
     losses: list[float] = []
     ctx = BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical_batch_size, optimizer=optimizer) \
         if private else contextlib.nullcontext(loader)
-    with ctx as batches, flush_denormals():
+    with ctx as batches:
         for batch in batches:
             optimizer.zero_grad(set_to_none=True)
             if private and len(batch[-1]) == 0:
