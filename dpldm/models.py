@@ -79,24 +79,33 @@ class ConditionalUNet(nn.Module):
 
 class OneTokenCrossAttnProcessor(AttnProcessor2_0):
     """diffusers' SDPA processor, with a shortcut for cross-attention to a one-token context (our class
-    token): the softmax over one key is exactly 1, so every query position gets the same output. It is
-    computed for the first position only and broadcast; ``to_q`` and ``to_k`` stay in the graph (their
-    gradient is zero up to rounding either way, and opacus still sees every trainable layer run). Same
-    outputs, bit for bit, and the same gradients up to summation order, for about 13% less time per LDM
-    training step on the embedded default (``benchmarks/pretrain_step.py``'s last two rows;
-    ``benchmarks/dp_step.py --ab cross-attention``). Anything else (a longer context, masks, 4-D input,
-    norms or dropout that act per position) goes the general way."""
+    token): the softmax over one key is exactly 1, so every query position gets that token's value. It is
+    computed for the first position only, with an explicit softmax, and broadcast. ``to_q`` and ``to_k`` stay
+    in the graph (opacus sees every trainable layer run) and get exactly zero gradient, as the math says:
+    softmax's backward over one element is ``g - g``. (SDPA's fused backward leaves rounding residue of about
+    1e-12 there, whose squares in opacus' per-example norms are float denormals, slow on the CPU.) Same
+    outputs, bit for bit, and the same gradients up to summation order elsewhere, for about 10% less time per
+    LDM training step and 12% per DP step on the embedded default (``benchmarks/pretrain_step.py``'s last two
+    rows; ``benchmarks/dp_step.py --ab cross-attention``). Anything else (a longer context, masks, 4-D input,
+    q/k norms, norms or dropout that act per position) goes the general way."""
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
         dropout = attn.to_out[1] if len(attn.to_out) > 1 else None
         if (encoder_hidden_states is None or encoder_hidden_states.shape[1] != 1 or attention_mask is not None
                 or hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None
-                or attn.residual_connection or args or kwargs
-                or (isinstance(dropout, nn.Dropout) and dropout.p > 0 and attn.training)):
+                or attn.norm_cross or attn.norm_q is not None or attn.norm_k is not None or attn.residual_connection
+                or args or kwargs or (isinstance(dropout, nn.Dropout) and dropout.p > 0 and attn.training)):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        out = super().__call__(attn, hidden_states[:, :1], encoder_hidden_states, None, temb)
-        return out.expand(-1, hidden_states.shape[1], -1)
+        b, h = hidden_states.shape[0], attn.heads
+        heads = lambda x: x.view(b, 1, h, -1).transpose(1, 2)  # [B, 1, h*d] -> [B, h, 1, d]
+        q, k, v = heads(attn.to_q(hidden_states[:, :1])), heads(attn.to_k(encoder_hidden_states)), heads(attn.to_v(encoder_hidden_states))
+        weight = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)  # [B, h, 1, 1], exactly 1
+        out = (weight @ v).transpose(1, 2).reshape(b, 1, -1)
+        out = attn.to_out[0](out)
+        if dropout is not None:
+            out = dropout(out)
+        return (out / attn.rescale_output_factor).expand(-1, hidden_states.shape[1], -1)
 
 
 def use_one_token_cross_attention(unet: UNet2DConditionModel) -> None:
