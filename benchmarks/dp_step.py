@@ -2,8 +2,8 @@
 non-private attention-only, DP attention-only, DP LoRA (params.yaml's finetune.lora), DP full, at K=1 and K=4.
 
     python benchmarks/dp_step.py [--steps 6] [--out benchmarks/results/dp_step.md]
-    python benchmarks/dp_step.py --ab cross-attention [--out benchmarks/results/dp_step_cross_attention.md]
-    python benchmarks/dp_step.py --ab fold [--out benchmarks/results/dp_step_fold.md]
+    python benchmarks/dp_step.py --ab cross-attention   # -> benchmarks/results/dp_step_cross_attention.md
+    python benchmarks/dp_step.py --ab fold              # -> benchmarks/results/dp_step_fold.md
 
 ``--ab``: params.yaml's own fine-tuning (DP, its K), the default against what it replaced, alternated in
 fresh processes (A B A B ...) so that a drifting machine affects both alike. ``cross-attention``: the
@@ -75,7 +75,7 @@ def measure(overrides: dict, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--out", default="benchmarks/results/dp_step.md")
+    ap.add_argument("--out", help="default benchmarks/results/dp_step.md; with --ab, dp_step_<name>.md")
     ap.add_argument("--ab", choices=sorted(AB))
     ap.add_argument("--repeats", type=int, default=2, help="--ab: A/B pairs")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # JSON {dotted params key: value}
@@ -84,8 +84,15 @@ def main() -> None:
         print(json.dumps(one(json.loads(args.one), args.steps)))
         return
     if args.ab:
+        args.out = args.out or f"benchmarks/results/dp_step_{args.ab.replace('-', '_')}.md"
         ab(args)
         return
+    args.out = args.out or "benchmarks/results/dp_step.md"
+    import datetime
+
+    from provenance import provenance
+
+    started = datetime.datetime.now(datetime.timezone.utc)
     rows = []
     for label, overrides in CONFIGS:
         k = overrides["finetune.noise_multiplicity"]
@@ -93,7 +100,8 @@ def main() -> None:
         rows.append((label, k, r))
         print(label, k, r, flush=True)
     base = {k: r["s_per_step"] for label, k, r in rows if label == "non-private attention"}
-    lines = [f"{platform.machine()}, {args.steps} timed logical steps per row (first step excluded), batch from params.yaml", "",
+    lines = [provenance("dp_step.py", None, started), "",
+             f"{platform.machine()}, {args.steps} timed logical steps per row (first step excluded), batch from params.yaml", "",
              "| configuration | K | trainable params | s / logical step | vs non-private attention (same K) | peak RSS (MiB) |",
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {label} | {k} | {r['trainable']:,} | {r['s_per_step']:.2f} | {r['s_per_step'] / base[k]:.2f}x | {r['peak_rss_mib']:.0f} |"
