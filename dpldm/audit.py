@@ -112,7 +112,7 @@ class GradientCanaries:
         sampled = torch.nonzero(self.included & (torch.rand(len(self.included), generator=self.generator) < self.sample_rate))
         sampled = sampled.flatten()
         self.injected[sampled] += 1
-        folded = getattr(optimizer, "folded", 1)
+        folded = optimizer.folded
         if self.k % folded:
             raise ValueError(f"canaries of {self.k} rows cannot pass a module that folds {folded} rows per example")
         k = self.k // folded  # rows per canary as the optimizer receives them
