@@ -18,13 +18,17 @@ batch; the first is not timed. Each configuration runs in a fresh process so tha
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from provenance import provenance
 
 CONFIGS = [(label, {"finetune.mode": mode, "finetune.private": private, "finetune.noise_multiplicity": k})
            for k in (1, 4) for label, mode, private in
@@ -88,10 +92,6 @@ def main() -> None:
         ab(args)
         return
     args.out = args.out or "benchmarks/results/dp_step.md"
-    import datetime
-
-    from provenance import provenance
-
     started = datetime.datetime.now(datetime.timezone.utc)
     rows = []
     for label, overrides in CONFIGS:
@@ -120,11 +120,6 @@ AB = {
 
 
 def ab(args) -> None:
-    import datetime
-    import statistics
-
-    from provenance import provenance
-
     started = datetime.datetime.now(datetime.timezone.utc)
     what, variants = AB[args.ab]
     times: dict[str, list[float]] = {label: [] for label, _ in variants}
