@@ -1,7 +1,7 @@
 """Seconds per training step of the AE and the latent UNet at params.yaml's shapes and batch sizes,
 and the pretraining time they imply (steps from params.yaml). Random inputs: timing only. The last
-LDM row (diffusers' SDPA in every attention layer, as the stage ran before 2026-12-01) is the day figure
-that README times are quoted with: it measures the machine, not our code.
+LDM row (diffusers' SDPA in every attention layer, as the stage ran before 2026-12-01, at batch 192 whatever
+params.yaml says) is the day figure that README times are quoted with: it measures the machine, not our code.
 
     python benchmarks/pretrain_step.py [--steps 5] [--compile] [--out benchmarks/results/pretrain_step.md]
         [--set ae.block_out_channels=[16,32,64,64],ae.latent_channels=3]   # time another shape"""
@@ -27,6 +27,8 @@ from dpldm.models import build_autoencoder, build_ldm, latent_shape
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance  # noqa: E402
+
+DAY_FIGURE_BATCH = 192  # the LDM batch of the day figure, fixed so that figures compare across days
 
 
 def timed(step, n: int) -> float:
@@ -70,11 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     z, y = torch.randn(c["ldm"].batch_size, *lat), torch.randint(0, 10, (c["ldm"].batch_size,))
     sched = make_scheduler(c["ldm"])
 
-    def make_ldm_step(net):
+    def make_ldm_step(net, batch=None):
         opt2 = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        zb, yb = (z, y) if batch is None else (torch.randn(batch, *lat), torch.randint(0, 10, (batch,)))
 
         def ldm_step():
-            loss = eps_loss(net, z, y, scheduler=sched).mean()
+            loss = eps_loss(net, zb, yb, scheduler=sched).mean()
             opt2.zero_grad()
             loss.backward()
             opt2.step()
@@ -88,11 +91,12 @@ def main(argv: list[str] | None = None) -> None:
              timed(make_ae_step(torch.contiguous_format), args.steps), ae_steps, 0.0),
             ("pretrain_ldm", c["ldm"].batch_size, timed(make_ldm_step(ldm), args.steps), c["ldm"].steps, 0.0)]
     # The day figure: diffusers' SDPA in every attention layer, as the stage ran before the one-token
-    # cross-attention shortcut (dpldm.models.OneTokenCrossAttnProcessor), so that it compares across days.
+    # cross-attention shortcut (dpldm.models.OneTokenCrossAttnProcessor), at the batch every earlier figure
+    # used (192; ldm.batch_size was 192 until 2026-12-01), so that it compares across days.
     reference = copy.deepcopy(ldm)
     reference.unet.set_attn_processor(AttnProcessor2_0())
-    rows.append(("pretrain_ldm (SDPA cross-attention: the day figure)", c["ldm"].batch_size,
-                 timed(make_ldm_step(reference), args.steps), c["ldm"].steps, 0.0))
+    rows.append(("pretrain_ldm (SDPA cross-attention: the day figure)", DAY_FIGURE_BATCH,
+                 timed(make_ldm_step(reference, DAY_FIGURE_BATCH), args.steps), c["ldm"].steps, 0.0))
     if args.compile:
         step = make_ldm_step(torch.compile(ldm))
         t0 = time.perf_counter()

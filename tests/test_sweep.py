@@ -267,6 +267,7 @@ def test_pretrain_step_figure_says_when_and_where_it_was_measured(tmp_path):
     assert first.startswith("`python benchmarks/pretrain_step.py --steps 1 --set ae.batch_size=4,ldm.batch_size=4")
     assert "commit" in first and "UTC" in first
     rows = [r for r in rest.splitlines() if r.startswith("| pretrain_")]
-    assert [r.split("|")[2].strip() for r in rows] == ["4", "4", "4", "4"]  # the overridden batch sizes were timed
-    assert rows[-1].startswith("| pretrain_ldm (SDPA cross-attention: the day figure)")  # the same figure across days
+    assert [r.split("|")[2].strip() for r in rows] == ["4", "4", "4", "192"]  # the overridden batch sizes were timed,
+    assert rows[-1].startswith("| pretrain_ldm (SDPA cross-attention: the day figure)")  # but the day figure keeps
+    # its batch whatever params.yaml says: the same figure across days
     assert all(r.split("|")[5].strip() == "0" for r in rows)  # no compile row, no one-off cost, unless --compile
