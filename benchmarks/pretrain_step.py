@@ -69,15 +69,14 @@ def main(argv: list[str] | None = None) -> None:
 
     lat = latent_shape(c["ae"], image_size=pub.image_size)
     ldm = build_ldm(c["ldm"], latent_channels=lat[0], latent_size=lat[1])
-    z, y = torch.randn(c["ldm"].batch_size, *lat), torch.randint(0, 10, (c["ldm"].batch_size,))
     sched = make_scheduler(c["ldm"])
 
-    def make_ldm_step(net, batch=None):
+    def make_ldm_step(net, batch: int):
         opt2 = torch.optim.AdamW(net.parameters(), lr=1e-3)
-        zb, yb = (z, y) if batch is None else (torch.randn(batch, *lat), torch.randint(0, 10, (batch,)))
+        z, y = torch.randn(batch, *lat), torch.randint(0, 10, (batch,))
 
         def ldm_step():
-            loss = eps_loss(net, zb, yb, scheduler=sched).mean()
+            loss = eps_loss(net, z, y, scheduler=sched).mean()
             opt2.zero_grad()
             loss.backward()
             opt2.step()
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
              timed(make_ae_step(torch.channels_last), args.steps), ae_steps, 0.0),
             ("pretrain_ae (contiguous, as the stage runs)", c["ae"].batch_size,
              timed(make_ae_step(torch.contiguous_format), args.steps), ae_steps, 0.0),
-            ("pretrain_ldm", c["ldm"].batch_size, timed(make_ldm_step(ldm), args.steps), c["ldm"].steps, 0.0)]
+            ("pretrain_ldm", c["ldm"].batch_size, timed(make_ldm_step(ldm, c["ldm"].batch_size), args.steps), c["ldm"].steps, 0.0)]
     # The day figure: diffusers' SDPA in every attention layer, as the stage ran before the one-token
     # cross-attention shortcut (dpldm.models.OneTokenCrossAttnProcessor), at the batch every earlier figure
     # used (192; ldm.batch_size was 192 until 2026-12-01), so that it compares across days.
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(("pretrain_ldm (SDPA cross-attention: the day figure)", DAY_FIGURE_BATCH,
                  timed(make_ldm_step(reference, DAY_FIGURE_BATCH), args.steps), c["ldm"].steps, 0.0))
     if args.compile:
-        step = make_ldm_step(torch.compile(ldm))
+        step = make_ldm_step(torch.compile(ldm), c["ldm"].batch_size)
         t0 = time.perf_counter()
         step()  # compiles forward and backward
         first = time.perf_counter() - t0
