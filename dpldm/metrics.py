@@ -6,6 +6,7 @@ Model selection uses a held-out *synthetic* validation split only; the real test
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 from dataclasses import dataclass, field
@@ -113,10 +114,27 @@ def train_cnn(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
     return FitResult(model, best[0], best[1], history)
 
 
+@contextlib.contextmanager
+def _blas_threads(limit: int | None):
+    """Cap numpy/scipy's BLAS threads for the block (None: leave them). The logistic regression's lbfgs runs
+    4x faster on one BLAS thread than on two on a 2-core machine, with the same choice and the same
+    validation accuracy (``benchmarks/sklearn_threads.py``, docs/results.md)."""
+    if limit is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=limit, user_api="blas"):
+        yield
+
+
 def fit_sklearn(kind: str, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
-                seed: int, logreg_C: float = 0.1, mlp_hidden: int = 256, mlp_max_iter: int = 50):
+                seed: int, logreg_C: float = 0.1, mlp_hidden: int = 256, mlp_max_iter: int = 50,
+                blas_threads: int | None = None):
     """``mlp`` or ``logreg`` on pixels in [0, 1]; the regularisation strength is chosen from a small
-    grid around the configured value by accuracy on the validation split. Returns (model, choice, val_acc)."""
+    grid around the configured value by accuracy on the validation split. Returns (model, choice, val_acc).
+    ``blas_threads`` caps numpy/scipy's BLAS threads during the fits (None: one for the logistic regression,
+    no cap for the MLP)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
 
@@ -132,7 +150,8 @@ def fit_sklearn(kind: str, train_x: np.ndarray, train_y: np.ndarray, val_x: np.n
     else:
         raise ValueError(f"unknown classifier {kind!r}; expected 'mlp' or 'logreg'")
     for value in grid:
-        model = make(value).fit(xt, train_y)
+        with _blas_threads(blas_threads if blas_threads is not None else 1 if kind == "logreg" else None):
+            model = make(value).fit(xt, train_y)
         acc = float((model.predict(xv) == val_y).mean())
         if best is None or acc > best[2]:
             best = (model, value, acc)

@@ -109,3 +109,37 @@ def test_small_cnn_from_state_dict_rebuilds_the_saved_network():
     assert torch.equal(saved(x), again(x))
     with pytest.raises(RuntimeError):  # a conf that does not match the weights is refused, not silently reshaped
         SmallCNN.from_state_dict(saved.state_dict(), {"channels": 1, "image_size": 32, "num_classes": 10})
+
+
+@pytest.mark.parametrize("kind, default_cap", [("logreg", 1), ("mlp", None)])
+def test_sklearn_grid_caps_blas_threads_for_logreg_only_and_the_cap_keeps_the_choice(monkeypatch, kind, default_cap):
+    """The logistic regression fits on one BLAS thread by default (4x faster here, benchmarks/sklearn_threads.py);
+    the MLP keeps BLAS as it is; an explicit cap applies to both. The cap does not change what is chosen."""
+    import threadpoolctl
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+
+    from dpldm.metrics import fit_sklearn
+
+    cls = LogisticRegression if kind == "logreg" else MLPClassifier
+    seen, real_fit = [], cls.fit
+
+    def spy(self, *a, **k):
+        seen.append(max(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"))
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(cls, "fit", spy)
+    rng = np.random.default_rng(0)
+    x, y = digits(120, 0), rng.integers(0, 3, 120)
+    x[y == 1, :4] = 255  # a learnable signal
+    uncapped = max(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas")
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = max(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas")
+        _, choice, acc = fit_sklearn(kind, x[:90], y[:90], x[90:], y[90:], seed=0, mlp_hidden=8, mlp_max_iter=5)
+        assert seen and set(seen) == {default_cap or before}
+        seen.clear()
+        _, choice1, acc1 = fit_sklearn(kind, x[:90], y[:90], x[90:], y[90:], seed=0, mlp_hidden=8, mlp_max_iter=5,
+                                       blas_threads=1)
+        assert set(seen) == {1}
+    assert (choice1, acc1) == (choice, acc)
+    assert max(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas") == uncapped
