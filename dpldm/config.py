@@ -302,6 +302,7 @@ class SampleConfig:
     eta: float
     guidance_scale: float  # classifier-free guidance; 0 = off (paper default)
     batch_size: int
+    precision: Literal["fp32", "bf16"]  # the network during sampling; bf16 = autocast
 
     def __post_init__(self):
         check(self.per_class >= 1, "sample.per_class", self.per_class, "an integer >= 1")

@@ -69,6 +69,9 @@ def eps_loss(
     return per_row.view(b, k).mean(1)  # [B]
 
 
+PRECISIONS = ("fp32", "bf16")  # the sampler's network: fp32, or bf16 autocast
+
+
 @torch.no_grad()
 def ddim_sample(
     model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -82,22 +85,32 @@ def ddim_sample(
     null_class: int | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """DDIM from pure noise to z0 for labels ``y``. With ``guidance_scale`` w > 0:
-    eps = (1 + w) eps(z, y) - w eps(z, null)."""
+    eps = (1 + w) eps(z, y) - w eps(z, null). ``precision`` "bf16" runs the network under bf16 autocast; the
+    scheduler's arithmetic and the latents stay fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}; expected one of {PRECISIONS}")
     ddim = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True, clip_sample=False)
     ddim.set_timesteps(steps)
     y = y.to(device)
     z = torch.randn((len(y), *shape), generator=generator, device="cpu").to(device)
+    if guidance_scale > 0 and null_class is None:
+        raise ValueError("guidance_scale > 0 needs null_class")
+    device_type = torch.device(device).type
     for t in ddim.timesteps:
         tt = torch.full((len(y),), int(t), device=device, dtype=torch.long)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if guidance_scale > 0:
+                both = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, null_class)]))
+            else:
+                both = model(z, tt, y)
+        both = both.float()
         if guidance_scale > 0:
-            if null_class is None:
-                raise ValueError("guidance_scale > 0 needs null_class")
-            both = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, null_class)]))
             cond, uncond = both.chunk(2)
             eps = (1 + guidance_scale) * cond - guidance_scale * uncond
         else:
-            eps = model(z, tt, y)
+            eps = both
         z = ddim.step(eps, t, z, eta=eta, generator=generator).prev_sample
     return z

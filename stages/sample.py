@@ -27,7 +27,8 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     images = generate(model, ae, labels, ldm_cfg=ldm_cfg, latent_shape=conf["latent_shape"],
                       latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler, steps=cfg.steps, eta=cfg.eta,
                       guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size, show_progress=progress_enabled(),
-                      generator=torch.Generator().manual_seed(seed), device=device)
+                      generator=torch.Generator().manual_seed(seed), device=device,
+                      precision=cfg.precision)
     y = labels.numpy()
     stamp = release_stamp(conf)  # "DP release (...)" or "not a DP release: ...", from dp_finetune
     write_images(outputs["samples"], images=images, labels=y, split=["synthetic"] * len(y), source_index=np.arange(len(y)),
@@ -35,7 +36,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     save_png(outputs["grid"], image_grid(images, y, per_class=12, num_classes=ldm_cfg.num_classes),
              banner="" if stamp["dp_release"] else stamp["release"].upper())
     metrics = {"num_samples": len(y), "ddim_steps": cfg.steps, "eta": cfg.eta, "guidance_scale": cfg.guidance_scale,
-               "pixel_mean": float(images.mean() / 255.0), "release": stamp["release"]}
+               "precision": cfg.precision, "pixel_mean": float(images.mean() / 255.0), "release": stamp["release"]}
     log_live_metrics(outputs["live"], metrics)
     return metrics
 

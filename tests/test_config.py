@@ -121,3 +121,12 @@ def test_every_profile_applies_to_params_yaml_and_validates(profile, tmp_path):
         for key, value in values.items():
             assert merged[section][key] == value if not isinstance(value, dict) else all(
                 merged[section][key][k] == v for k, v in value.items() if not isinstance(v, dict))
+
+
+def test_sample_precision_is_fp32_or_bf16():
+    p = params()
+    p["sample"]["precision"] = "fp16"
+    with pytest.raises(ConfigError, match="sample.precision"):
+        load_section(p, "sample")
+    p["sample"]["precision"] = "bf16"
+    assert load_section(p, "sample").precision == "bf16"

@@ -96,3 +96,31 @@ def test_ema_is_the_running_mean_then_reaches_the_configured_decay():
     p.data.fill_(10.0)
     ema.step([p])
     assert torch.allclose(ema.shadow_params[0], 0.9 * before + 0.1 * 10.0)
+
+
+def test_bf16_sampling_runs_the_network_in_bf16_and_stays_close_to_fp32():
+    """sample.precision bf16: the network sees bf16 autocast, the returned latents are fp32 and close to the fp32 path's
+    (same noise draws); fp32 never autocasts; an unknown precision is refused by name."""
+    import pytest
+
+    s = make_scheduler(cfg("ldm"))
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(2, 2, 1)
+    seen = []
+
+    def model(z, t, y):
+        out = net(z)
+        seen.append(out.dtype)
+        return out
+
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        seen.clear()
+        runs[precision] = ddim_sample(model, torch.zeros(8, dtype=torch.long), shape=(2, 3, 3), scheduler=s, steps=5, eta=1.0,
+                                      generator=torch.Generator().manual_seed(0), precision=precision)
+        assert set(seen) == {torch.float32 if precision == "fp32" else torch.bfloat16}
+    assert runs["bf16"].dtype == torch.float32
+    assert not torch.equal(runs["bf16"], runs["fp32"])
+    assert torch.allclose(runs["bf16"], runs["fp32"], atol=0.05 * runs["fp32"].abs().max().item())
+    with pytest.raises(ValueError, match="fp16"):
+        ddim_sample(model, torch.zeros(1, dtype=torch.long), shape=(2, 3, 3), scheduler=s, steps=1, eta=1.0, precision="fp16")
