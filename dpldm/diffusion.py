@@ -96,21 +96,20 @@ def ddim_sample(
     ddim.set_timesteps(steps)
     y = y.to(device)
     z = torch.randn((len(y), *shape), generator=generator, device="cpu").to(device)
-    if guidance_scale > 0 and null_class is None:
+    guided = guidance_scale > 0
+    if guided and null_class is None:
         raise ValueError("guidance_scale > 0 needs null_class")
+    labels = torch.cat([y, torch.full_like(y, null_class)]) if guided else y  # guided: conditional rows, then null rows
     device_type = torch.device(device).type
     for t in ddim.timesteps:
-        tt = torch.full((len(y),), int(t), device=device, dtype=torch.long)
+        zz = torch.cat([z, z]) if guided else z
+        tt = torch.full((len(labels),), int(t), device=device, dtype=torch.long)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            if guidance_scale > 0:
-                both = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, null_class)]))
-            else:
-                both = model(z, tt, y)
-        both = both.float()
-        if guidance_scale > 0:
-            cond, uncond = both.chunk(2)
+            out = model(zz, tt, labels).float()
+        if guided:
+            cond, uncond = out.chunk(2)
             eps = (1 + guidance_scale) * cond - guidance_scale * uncond
         else:
-            eps = both
+            eps = out
         z = ddim.step(eps, t, z, eta=eta, generator=generator).prev_sample
     return z

@@ -117,7 +117,7 @@ def train_cnn(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
 @contextlib.contextmanager
 def _blas_threads(limit: int | None):
     """Cap numpy/scipy's BLAS threads for the block (None: leave them). The logistic regression's lbfgs runs
-    4x faster on one BLAS thread than on two on a 2-core machine, with the same choice and the same
+    about 4x faster on one BLAS thread than on two on a 2-core machine, with the same choice and the same
     validation accuracy (``benchmarks/sklearn_threads.py``, docs/results.md)."""
     if limit is None:
         yield
@@ -149,8 +149,9 @@ def fit_sklearn(kind: str, train_x: np.ndarray, train_y: np.ndarray, val_x: np.n
         make = lambda a: MLPClassifier(hidden_layer_sizes=(mlp_hidden,), alpha=a, max_iter=mlp_max_iter, random_state=seed)
     else:
         raise ValueError(f"unknown classifier {kind!r}; expected 'mlp' or 'logreg'")
+    cap = blas_threads if blas_threads is not None else (1 if kind == "logreg" else None)
     for value in grid:
-        with _blas_threads(blas_threads if blas_threads is not None else 1 if kind == "logreg" else None):
+        with _blas_threads(cap):
             model = make(value).fit(xt, train_y)
         acc = float((model.predict(xv) == val_y).mean())
         if best is None or acc > best[2]:
