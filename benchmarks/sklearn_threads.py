@@ -1,7 +1,6 @@
 """The downstream scikit-learn grids (``dpldm.metrics.fit_sklearn``'s logistic regression and MLP, params.yaml's
-``classifier`` settings) timed at one
-and at two BLAS threads, alternated, on the same images: the evidence for running the logistic regression on one
-BLAS thread (``fit_sklearn``'s default).
+``classifier`` settings) timed at one and at two BLAS threads, alternated, on the same images: the evidence for
+running the logistic regression on one BLAS thread (``fit_sklearn``'s default).
 
     python benchmarks/sklearn_threads.py [--images data/public/images.parquet] [--n 10000] [--rounds 2]
         [--step-figure "0.58 s/step at 01:11 UTC"] [--out benchmarks/results/sklearn_threads.md]

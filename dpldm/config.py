@@ -295,6 +295,9 @@ class FinetuneConfig:
         check(0 <= self.ema_decay < 1, "finetune.ema_decay", self.ema_decay, "a number in [0, 1)")
 
 
+SamplePrecision = Literal["fp32", "bf16"]  # the sampler's network: fp32, or bf16 autocast
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     per_class: int
@@ -302,7 +305,7 @@ class SampleConfig:
     eta: float
     guidance_scale: float  # classifier-free guidance; 0 = off (paper default)
     batch_size: int
-    precision: Literal["fp32", "bf16"]  # the network during sampling; bf16 = autocast
+    precision: SamplePrecision
 
     def __post_init__(self):
         check(self.per_class >= 1, "sample.per_class", self.per_class, "an integer >= 1")

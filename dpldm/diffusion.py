@@ -9,14 +9,14 @@
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, get_args
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from .config import LDMConfig
+from .config import LDMConfig, SamplePrecision
 
 
 def make_scheduler(cfg: LDMConfig) -> DDPMScheduler:
@@ -69,7 +69,7 @@ def eps_loss(
     return per_row.view(b, k).mean(1)  # [B]
 
 
-PRECISIONS = ("fp32", "bf16")  # the sampler's network: fp32, or bf16 autocast
+PRECISIONS = get_args(SamplePrecision)
 
 
 @torch.no_grad()

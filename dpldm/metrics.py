@@ -114,20 +114,6 @@ def train_cnn(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
     return FitResult(model, best[0], best[1], history)
 
 
-@contextlib.contextmanager
-def _blas_threads(limit: int | None):
-    """Cap numpy/scipy's BLAS threads for the block (None: leave them). The logistic regression's lbfgs runs
-    about 4x faster on one BLAS thread than on two on a 2-core machine, with the same choice and the same
-    validation accuracy (``benchmarks/sklearn_threads.py``, docs/results.md)."""
-    if limit is None:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=limit, user_api="blas"):
-        yield
-
-
 def fit_sklearn(kind: str, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
                 seed: int, logreg_C: float = 0.1, mlp_hidden: int = 256, mlp_max_iter: int = 50,
                 blas_threads: int | None = None):
@@ -137,6 +123,7 @@ def fit_sklearn(kind: str, train_x: np.ndarray, train_y: np.ndarray, val_x: np.n
     no cap for the MLP)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
+    from threadpoolctl import threadpool_limits
 
     flat = lambda a: a.reshape(len(a), -1).astype(np.float32) / 255.0
     xt, xv = flat(train_x), flat(val_x)
@@ -149,9 +136,10 @@ def fit_sklearn(kind: str, train_x: np.ndarray, train_y: np.ndarray, val_x: np.n
         make = lambda a: MLPClassifier(hidden_layer_sizes=(mlp_hidden,), alpha=a, max_iter=mlp_max_iter, random_state=seed)
     else:
         raise ValueError(f"unknown classifier {kind!r}; expected 'mlp' or 'logreg'")
+    # lbfgs runs about 4x faster on one BLAS thread than on two here, same choice (benchmarks/sklearn_threads.py)
     cap = blas_threads if blas_threads is not None else (1 if kind == "logreg" else None)
     for value in grid:
-        with _blas_threads(cap):
+        with threadpool_limits(limits=cap, user_api="blas") if cap else contextlib.nullcontext():
             model = make(value).fit(xt, train_y)
         acc = float((model.predict(xv) == val_y).mean())
         if best is None or acc > best[2]:

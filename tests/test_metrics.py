@@ -124,17 +124,20 @@ def test_sklearn_grid_caps_blas_threads_for_logreg_only_and_the_cap_keeps_the_ch
     cls = LogisticRegression if kind == "logreg" else MLPClassifier
     seen, real_fit = [], cls.fit
 
+    def blas():
+        return max(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas")
+
     def spy(self, *a, **k):
-        seen.append(max(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"))
+        seen.append(blas())
         return real_fit(self, *a, **k)
 
     monkeypatch.setattr(cls, "fit", spy)
     rng = np.random.default_rng(0)
     x, y = digits(120, 0), rng.integers(0, 3, 120)
     x[y == 1, :4] = 255  # a learnable signal
-    uncapped = max(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas")
+    uncapped = blas()
     with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
-        before = max(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas")
+        before = blas()
         _, choice, acc = fit_sklearn(kind, x[:90], y[:90], x[90:], y[90:], seed=0, mlp_hidden=8, mlp_max_iter=5)
         assert seen and set(seen) == {default_cap or before}
         seen.clear()
@@ -142,4 +145,4 @@ def test_sklearn_grid_caps_blas_threads_for_logreg_only_and_the_cap_keeps_the_ch
                                        blas_threads=1)
         assert set(seen) == {1}
     assert (choice1, acc1) == (choice, acc)
-    assert max(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas") == uncapped
+    assert blas() == uncapped
