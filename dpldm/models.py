@@ -84,9 +84,10 @@ class OneTokenCrossAttnProcessor(AttnProcessor2_0):
     in the graph (opacus sees every trainable layer run) and get exactly zero gradient, as the math says:
     softmax's backward over one element is ``g - g``. (SDPA's fused backward leaves rounding residue of about
     1e-12 there, whose squares in opacus' per-example norms are float denormals, slow on the CPU.) Same
-    outputs, bit for bit, and the same gradients up to summation order elsewhere, for about 10% less time per
-    LDM training step and 15% per DP step on the embedded default (``benchmarks/pretrain_step.py``'s last two
-    rows; ``benchmarks/dp_step.py --ab cross-attention``). Anything else (a longer context, masks, 4-D input,
+    outputs (bit for bit on one thread; to float rounding on more, where SDPA splits its reductions), and the
+    same gradients up to summation order elsewhere, for about 10% less time per LDM training step and 15% per DP
+    step on the embedded default (``benchmarks/pretrain_step.py``'s last two rows; ``benchmarks/dp_step.py --ab
+    cross-attention``). Anything else (a longer context, masks, 4-D input,
     q/k norms, norms or dropout that act per position) goes the general way."""
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
