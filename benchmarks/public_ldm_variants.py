@@ -81,7 +81,8 @@ def main() -> None:
     args.threads = load_section(params, "runtime").threads or torch.get_num_threads()
     torch.set_num_threads(args.threads)
     sample = load_section(params, "sample")
-    setting = f"eta={sample.eta},steps={sample.steps},w={sample.guidance_scale}"
+    setting = (f"eta={sample.eta},steps={sample.steps},w={sample.guidance_scale},precision={sample.precision},"
+               f"solver={sample.solver}")
     ae, ae_conf = load_autoencoder(args.ae)
     judge = PublicJudge(args.public_data, clf=load_section(params, "classifier"), fcfg=load_section(params, "fid"),
                         num_classes=load_section(params, "ldm").num_classes, seed=args.seed)

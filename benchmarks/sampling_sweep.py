@@ -56,11 +56,12 @@ PUBLIC_PROXIES = ("digits8x8", "fontdigits")  # public sources that stand in for
 
 
 def parse_setting(text: str) -> dict:
-    out = {"eta": 1.0, "steps": 25, "w": 0.0, "precision": "fp32"}
+    out = {"eta": 1.0, "steps": 25, "w": 0.0, "precision": "fp32", "solver": "ddim"}
     for part in text.split(","):
         key, _, value = part.partition("=")
         if key not in out:
-            raise SystemExit(f"unknown key {key!r} in setting {text!r}; use eta=..,steps=..,w=..,precision=fp32|bf16")
+            raise SystemExit(f"unknown key {key!r} in setting {text!r}; use eta=..,steps=..,w=..,precision=fp32|bf16,"
+                             "solver=ddim|dpmpp_2m|dpmpp_2m_sde")
         out[key] = type(out[key])(value)
     return out
 
@@ -73,7 +74,7 @@ def sample_setting(model, ae, labels: torch.Tensor, s: dict, *, ldm_cfg, conf: d
     images = generate(model, ae, labels, ldm_cfg=ldm_cfg, latent_shape=conf["latent_shape"],
                       latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler, steps=s["steps"], eta=s["eta"],
                       guidance_scale=s["w"], batch_size=args.batch_size, generator=torch.Generator().manual_seed(seed),
-                      precision=s["precision"])
+                      precision=s["precision"], solver=s["solver"])
     return images, time.time() - t0
 
 

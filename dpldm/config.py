@@ -296,16 +296,20 @@ class FinetuneConfig:
 
 
 SamplePrecision = Literal["fp32", "bf16"]  # the sampler's network: fp32, or bf16 autocast
+# the reverse process: DDIM (eta from 0 = deterministic to 1 = DDPM-like), or diffusers' DPM-Solver++ of order 2,
+# deterministic (ODE) or stochastic (SDE; Lu et al. 2022), which use eta not at all
+SampleSolver = Literal["ddim", "dpmpp_2m", "dpmpp_2m_sde"]
 
 
 @dataclass(frozen=True)
 class SampleConfig:
     per_class: int
-    steps: int  # DDIM steps (paper: 200)
-    eta: float
+    steps: int  # sampler steps (paper: 200 DDIM steps)
+    eta: float  # DDIM only
     guidance_scale: float  # classifier-free guidance; 0 = off (paper default)
     batch_size: int
     precision: SamplePrecision
+    solver: SampleSolver
 
     def __post_init__(self):
         check(self.per_class >= 1, "sample.per_class", self.per_class, "an integer >= 1")

@@ -5,7 +5,8 @@
 - ``expand_rows``: noise multiplicity (DPDM): K copies of each example, example-major.
 - ``eps_loss``: L_simple = || eps - eps_theta(sqrt(a_t) z0 + sqrt(1 - a_t) eps, t, y) ||^2, optionally
   weighted by Min-SNR-gamma (Hang et al. 2023): min(SNR(t), gamma) / SNR(t), diffusers' ``compute_snr``.
-- ``ddim_sample``: the DDIM sampling loop, with optional classifier-free guidance.
+- ``sample_latents``: the sampling loop (DDIM, or DPM-Solver++ 2M deterministic or stochastic; Lu et al. 2022),
+  with optional classifier-free guidance.
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from typing import Callable, get_args
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.training_utils import compute_snr
 
-from .config import LDMConfig, SamplePrecision
+from .config import LDMConfig, SamplePrecision, SampleSolver
 
 
 def make_scheduler(cfg: LDMConfig) -> DDPMScheduler:
@@ -70,10 +71,24 @@ def eps_loss(
 
 
 PRECISIONS = get_args(SamplePrecision)
+SOLVERS = get_args(SampleSolver)
+
+
+def reverse_scheduler(scheduler: DDPMScheduler, solver: str, steps: int):
+    """The sampler's scheduler over the training schedule's betas, set to ``steps`` steps."""
+    if solver == "ddim":
+        out = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True, clip_sample=False)
+    elif solver in ("dpmpp_2m", "dpmpp_2m_sde"):
+        out = DPMSolverMultistepScheduler.from_config(
+            scheduler.config, solver_order=2, algorithm_type="sde-dpmsolver++" if solver == "dpmpp_2m_sde" else "dpmsolver++")
+    else:
+        raise ValueError(f"solver {solver!r}; expected one of {SOLVERS}")
+    out.set_timesteps(steps)
+    return out
 
 
 @torch.no_grad()
-def ddim_sample(
+def sample_latents(
     model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     y: torch.Tensor,
     *,
@@ -86,14 +101,15 @@ def ddim_sample(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    solver: str = "ddim",
 ) -> torch.Tensor:
-    """DDIM from pure noise to z0 for labels ``y``. With ``guidance_scale`` w > 0:
-    eps = (1 + w) eps(z, y) - w eps(z, null). ``precision`` "bf16" runs the network under bf16 autocast; the
-    scheduler's arithmetic and the latents stay fp32."""
+    """From pure noise to z0 for labels ``y`` in ``steps`` steps of ``solver`` (``eta``: DDIM's only). With
+    ``guidance_scale`` w > 0: eps = (1 + w) eps(z, y) - w eps(z, null). ``precision`` "bf16" runs the network under
+    bf16 autocast; the scheduler's arithmetic and the latents stay fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}; expected one of {PRECISIONS}")
-    ddim = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True, clip_sample=False)
-    ddim.set_timesteps(steps)
+    rev = reverse_scheduler(scheduler, solver, steps)
+    step_kwargs = {"eta": eta} if solver == "ddim" else {}
     y = y.to(device)
     z = torch.randn((len(y), *shape), generator=generator, device="cpu").to(device)
     guided = guidance_scale > 0
@@ -101,7 +117,7 @@ def ddim_sample(
         raise ValueError("guidance_scale > 0 needs null_class")
     labels = torch.cat([y, torch.full_like(y, null_class)]) if guided else y  # guided: conditional rows, then null rows
     device_type = torch.device(device).type
-    for t in ddim.timesteps:
+    for t in rev.timesteps:
         zz = torch.cat([z, z]) if guided else z
         tt = torch.full((len(labels),), int(t), device=device, dtype=torch.long)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -111,5 +127,5 @@ def ddim_sample(
             eps = (1 + guidance_scale) * cond - guidance_scale * uncond
         else:
             eps = out
-        z = ddim.step(eps, t, z, eta=eta, generator=generator).prev_sample
+        z = rev.step(eps, t, z, generator=generator, **step_kwargs).prev_sample
     return z

@@ -1,4 +1,4 @@
-"""Sampling a trained LDM into images: DDIM in batches, decoded by the autoencoder (no file I/O)."""
+"""Sampling a trained LDM into images: the sampler (DDIM or DPM-Solver++) in batches, decoded by the autoencoder (no file I/O)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,19 +6,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import tensor_to_images
-from .diffusion import ddim_sample
+from .diffusion import sample_latents
 
 
 def generate(model, ae, labels: torch.Tensor, *, ldm_cfg, latent_shape, latent_scale: float, scheduler, steps: int,
              eta: float, guidance_scale: float, batch_size: int, generator: torch.Generator, device="cpu",
-             show_progress: bool = True, precision: str = "fp32") -> np.ndarray:
-    """DDIM latents for ``labels`` in batches, decoded by the AE: uint8 images (N, H, W, C)."""
+             show_progress: bool = True, precision: str = "fp32", solver: str = "ddim") -> np.ndarray:
+    """Sampled latents for ``labels`` in batches, decoded by the AE: uint8 images (N, H, W, C)."""
     images = []
     for i in tqdm(range(0, len(labels), batch_size), desc="sample", disable=not show_progress, mininterval=2.0):
         yb = labels[i:i + batch_size]
-        z = ddim_sample(model, yb, shape=tuple(latent_shape), scheduler=scheduler, steps=steps, eta=eta,
-                        guidance_scale=guidance_scale, null_class=ldm_cfg.num_classes, generator=generator, device=device,
-                        precision=precision)
+        z = sample_latents(model, yb, shape=tuple(latent_shape), scheduler=scheduler, steps=steps, eta=eta,
+                           guidance_scale=guidance_scale, null_class=ldm_cfg.num_classes, generator=generator,
+                           device=device, precision=precision, solver=solver)
         with torch.no_grad():
             images.append(tensor_to_images(ae.decode(z / latent_scale).sample))
     return np.concatenate(images)

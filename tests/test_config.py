@@ -130,3 +130,8 @@ def test_sample_precision_is_fp32_or_bf16():
         load_section(p, "sample")
     p["sample"]["precision"] = "bf16"
     assert load_section(p, "sample").precision == "bf16"
+    p["sample"]["solver"] = "euler"
+    with pytest.raises(ConfigError, match="sample.solver"):
+        load_section(p, "sample")
+    p["sample"]["solver"] = "dpmpp_2m_sde"
+    assert load_section(p, "sample").solver == "dpmpp_2m_sde"

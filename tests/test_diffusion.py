@@ -1,7 +1,7 @@
 import torch
 
 from helpers import cfg
-from dpldm.diffusion import ddim_sample, eps_loss, expand_rows, make_scheduler
+from dpldm.diffusion import SOLVERS, eps_loss, expand_rows, make_scheduler, sample_latents
 
 
 def test_expand_rows_is_example_major():
@@ -18,7 +18,7 @@ def test_official_schedule_is_linear_in_sqrt_beta():
     assert torch.allclose(d, d.mean().expand_as(d), atol=1e-7)
 
 
-def test_ddim_with_perfect_denoiser_returns_the_point_mass():
+def test_every_solver_with_a_perfect_denoiser_returns_the_point_mass():
     s = make_scheduler(cfg("ldm"))
     c = torch.tensor([0.7, -1.2, 0.3, 2.0]).view(1, 4, 1, 1)
     ab = s.alphas_cumprod
@@ -27,10 +27,47 @@ def test_ddim_with_perfect_denoiser_returns_the_point_mass():
         a = ab[t].view(-1, 1, 1, 1)
         return (z - a.sqrt() * c) / (1 - a).sqrt()
 
-    for eta in (0.0, 1.0):
-        z = ddim_sample(perfect, torch.zeros(3, dtype=torch.long), shape=(4, 1, 1), scheduler=s, steps=10, eta=eta,
-                        generator=torch.Generator().manual_seed(0))
-        assert torch.allclose(z, c.expand(3, -1, -1, -1), atol=1e-4)
+    runs = [("ddim", 0.0), ("ddim", 1.0), ("dpmpp_2m", 0.0), ("dpmpp_2m_sde", 0.0)]
+    assert {solver for solver, _ in runs} == set(SOLVERS)
+    for solver, eta in runs:
+        for steps in (3, 10):
+            z = sample_latents(perfect, torch.zeros(3, dtype=torch.long), shape=(4, 1, 1), scheduler=s, steps=steps, eta=eta,
+                               generator=torch.Generator().manual_seed(0), solver=solver)
+            assert torch.allclose(z, c.expand(3, -1, -1, -1), atol=1e-4), (solver, eta, steps)
+
+
+def test_solvers_take_the_steps_asked_and_the_stochastic_ones_draw_noise():
+    """Each solver calls the network once per step; DDIM at eta 1 and the SDE solver depend on the generator's draws
+    after the initial noise, DDIM at eta 0 and DPM-Solver++ (ODE) do not; an unknown solver is refused by name."""
+    import pytest
+
+    s = make_scheduler(cfg("ldm"))
+    net = torch.nn.Conv2d(2, 2, 1)
+
+    def run(solver, eta, steps, seed_after):
+        """(latents, timesteps seen): the generator is re-seeded with ``seed_after`` once the initial noise is drawn."""
+        g, calls = torch.Generator().manual_seed(0), []
+
+        def model(z, t, y):
+            if not calls:
+                g.manual_seed(seed_after)
+            calls.append(int(t[0]))
+            return net(z)
+
+        z = sample_latents(model, torch.zeros(4, dtype=torch.long), shape=(2, 3, 3), scheduler=s, steps=steps, eta=eta,
+                           generator=g, solver=solver)
+        return z, calls
+
+    with torch.no_grad():
+        for solver, eta, stochastic in [("ddim", 0.0, False), ("ddim", 1.0, True), ("dpmpp_2m", 1.0, False),
+                                        ("dpmpp_2m_sde", 0.0, True)]:
+            za, calls = run(solver, eta, 7, seed_after=1)
+            zb, _ = run(solver, eta, 7, seed_after=2)
+            assert len(calls) == 7 and calls == sorted(calls, reverse=True), (solver, calls)
+            assert torch.equal(za, zb) != stochastic, solver
+    with pytest.raises(ValueError, match="euler"):
+        sample_latents(lambda z, t, y: z, torch.zeros(1, dtype=torch.long), shape=(1, 1, 1), scheduler=s, steps=2, eta=0.0,
+                       solver="euler")
 
 
 def test_guidance_combines_conditional_and_null():
@@ -41,7 +78,7 @@ def test_guidance_combines_conditional_and_null():
         calls.append(y.clone())
         return torch.zeros_like(z)
 
-    ddim_sample(model, torch.tensor([1, 2]), shape=(1, 1, 1), scheduler=s, steps=2, eta=0.0, guidance_scale=2.0, null_class=10)
+    sample_latents(model, torch.tensor([1, 2]), shape=(1, 1, 1), scheduler=s, steps=2, eta=0.0, guidance_scale=2.0, null_class=10)
     assert calls[0].tolist() == [1, 2, 10, 10]
 
 
@@ -116,11 +153,11 @@ def test_bf16_sampling_runs_the_network_in_bf16_and_stays_close_to_fp32():
     runs = {}
     for precision in ("fp32", "bf16"):
         seen.clear()
-        runs[precision] = ddim_sample(model, torch.zeros(8, dtype=torch.long), shape=(2, 3, 3), scheduler=s, steps=5, eta=1.0,
+        runs[precision] = sample_latents(model, torch.zeros(8, dtype=torch.long), shape=(2, 3, 3), scheduler=s, steps=5, eta=1.0,
                                       generator=torch.Generator().manual_seed(0), precision=precision)
         assert set(seen) == {torch.float32 if precision == "fp32" else torch.bfloat16}
     assert runs["bf16"].dtype == torch.float32
     assert not torch.equal(runs["bf16"], runs["fp32"])
     assert torch.allclose(runs["bf16"], runs["fp32"], atol=0.05 * runs["fp32"].abs().max().item())
     with pytest.raises(ValueError, match="fp16"):
-        ddim_sample(model, torch.zeros(1, dtype=torch.long), shape=(2, 3, 3), scheduler=s, steps=1, eta=1.0, precision="fp16")
+        sample_latents(model, torch.zeros(1, dtype=torch.long), shape=(2, 3, 3), scheduler=s, steps=1, eta=1.0, precision="fp16")
