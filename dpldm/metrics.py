@@ -32,9 +32,11 @@ class SmallCNN(nn.Module):
 
     def __init__(self, *, channels: int, image_size: int, num_classes: int):
         super().__init__()
+        # pool, then ReLU: the same function and gradients as ReLU then pool (max commutes with a monotone map, and
+        # both route the gradient to the window's first maximum), with the ReLU on a quarter of the values
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 32, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),
             nn.Flatten(),
             nn.Linear(64 * (image_size // 4) ** 2, self.feature_dim), nn.ReLU(),
         )

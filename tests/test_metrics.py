@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpldm.metrics import SmallCNN, fidelity, register_domain_extractor
+from dpldm.metrics import SmallCNN, fidelity, register_domain_extractor, uint8_to_input
 from stages.common import ConfigError
 
 
@@ -146,3 +146,30 @@ def test_sklearn_grid_caps_blas_threads_for_logreg_only_and_the_cap_keeps_the_ch
         assert set(seen) == {1}
     assert (choice1, acc1) == (choice, acc)
     assert blas() == uncapped
+
+
+def test_small_cnn_pools_before_relu_with_the_same_outputs_and_gradients_as_relu_then_pool():
+    """SmallCNN applies ReLU after max-pooling (a quarter of the values): bit for bit the outputs and parameter
+    gradients of the textbook order, on digits with flat zero backgrounds (ties in every pooling window) and noise."""
+    import copy
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    fast = SmallCNN(channels=1, image_size=32, num_classes=10)
+    assert [type(m) for m in list(fast.features)[:6]] == [nn.Conv2d, nn.MaxPool2d, nn.ReLU] * 2
+    textbook = copy.deepcopy(fast)
+    m = list(textbook.features)
+    textbook.features = nn.Sequential(m[0], m[2], m[1], m[3], m[5], m[4], *m[6:])  # conv, ReLU, pool (x2)
+    assert textbook.state_dict().keys() == fast.state_dict().keys()  # the swap moves no parameter
+    images = np.zeros((16, 32, 32, 1), np.uint8)
+    images[:8, 8:24, 12:20] = 255  # flat strokes on a flat background
+    images[8:] = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 1))
+    x, y = uint8_to_input(images), torch.arange(16) % 10
+    for model in (fast, textbook):
+        model.eval()  # no dropout: the same function
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert torch.equal(fast(x), textbook(x))
+    grads = dict(textbook.named_parameters())
+    for name, p in fast.named_parameters():
+        assert p.grad.any() and torch.equal(p.grad, grads[name].grad), name
