@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpldm.config import load_section  # noqa: E402
-from dpldm.diffusion import make_scheduler  # noqa: E402
+from dpldm.diffusion import PRECISIONS, SOLVERS, make_scheduler  # noqa: E402
 from dpldm.metrics import SmallCNN, fidelity, label_consistency, predict, register_domain_extractor, train_cnn  # noqa: E402
 from stages.classify import split_validation  # noqa: E402
 from stages.common import load_model_files, read_images, read_params  # noqa: E402
@@ -60,8 +60,8 @@ def parse_setting(text: str) -> dict:
     for part in text.split(","):
         key, _, value = part.partition("=")
         if key not in out:
-            raise SystemExit(f"unknown key {key!r} in setting {text!r}; use eta=..,steps=..,w=..,precision=fp32|bf16,"
-                             "solver=ddim|dpmpp_2m|dpmpp_2m_sde")
+            raise SystemExit(f"unknown key {key!r} in setting {text!r}; use eta=..,steps=..,w=..,"
+                             f"precision={'|'.join(PRECISIONS)},solver={'|'.join(SOLVERS)}")
         out[key] = type(out[key])(value)
     return out
 

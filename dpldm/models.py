@@ -87,8 +87,8 @@ class OneTokenCrossAttnProcessor(AttnProcessor2_0):
     outputs (bit for bit on one thread; to float rounding on more, where SDPA splits its reductions), and the
     same gradients up to summation order elsewhere, for about 10% less time per LDM training step and 15% per DP
     step on the embedded default (``benchmarks/pretrain_step.py``'s last two rows; ``benchmarks/dp_step.py --ab
-    cross-attention``). Anything else (a longer context, masks, 4-D input,
-    q/k norms, norms or dropout that act per position) goes the general way."""
+    cross-attention``). Anything else (a longer context, masks, 4-D input, q/k norms, norms or dropout that act per
+    position) goes the general way."""
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
