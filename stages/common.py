@@ -85,12 +85,47 @@ def stage_main(run: Callable[..., dict], *, inputs: tuple[str, ...], outputs: tu
 # Runtime
 
 
+# glibc's mallopt(3) parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_HEAP_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc reuse freed memory instead of handing it back to the OS. By default glibc
+    serves every block over its (dynamic, at most 32 MiB) mmap threshold with a fresh ``mmap`` and
+    trims the heap's top after frees, so a loop that allocates the same large tensors again and again
+    (a sampling batch, the autoencoder's decode) page-faults fresh zeroed memory on every pass. Here
+    both thresholds are fixed at 1 GiB: only larger blocks get their own mapping, and the heap keeps
+    what it freed for the next pass. Results are unchanged (only where memory comes from); the
+    process's RSS stays at its peak until it exits, which suits one-shot stage processes (up to
+    about 200 MiB more peak RSS measured). Stages ran 1.02-1.11x faster, with 3-12x fewer page faults
+    and the same output bytes (``benchmarks/malloc_ab.py``). ``DPLDM_MALLOC=default``
+    leaves glibc as it ships (``keep``, this setting, is the default); outside glibc nothing is changed.
+    Returns whether the setting took."""
+    import ctypes
+    import platform
+
+    mode = os.environ.get("DPLDM_MALLOC", "keep")
+    if mode not in ("keep", "default"):
+        raise ConfigError(f"environment: DPLDM_MALLOC = {mode!r}; use 'keep' (the stages' setting) or 'default' (glibc's own)")
+    if mode == "default" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_HEAP_BYTES) and mallopt(_M_TRIM_THRESHOLD, _KEEP_HEAP_BYTES))
+
+
 def setup_runtime(params: dict, *, stage: str | None):
-    """Parse the runtime section once: threads, global seeds and the device (``auto`` = CUDA when
-    present). Returns (torch.device, the stage's seed from ``runtime.seeds``; 0 for stages without one)."""
+    """Parse the runtime section once: threads, global seeds, glibc's malloc (``keep_freed_memory``) and
+    the device (``auto`` = CUDA when present). Returns (torch.device, the stage's seed from
+    ``runtime.seeds``; 0 for stages without one)."""
     import torch
 
     rt: RuntimeConfig = load_section(params, "runtime")
+    keep_freed_memory()
     seed = getattr(rt.seeds, stage) if stage else 0
     if rt.threads:
         torch.set_num_threads(rt.threads)
