@@ -271,3 +271,24 @@ def test_pretrain_step_figure_says_when_and_where_it_was_measured(tmp_path):
     assert rows[-1].startswith("| pretrain_ldm (SDPA cross-attention: the day figure)")  # but the day figure keeps
     # its batch whatever params.yaml says: the same figure across days
     assert all(r.split("|")[5].strip() == "0" for r in rows)  # no compile row, no one-off cost, unless --compile
+
+
+def test_repro_time_reads_stage_times_day_figures_and_appends_rows_to_one_table():
+    r = _benchmark("repro_time")
+    # process-list samples: nothing, then prepare_public, prepare_private (seen once), pretrain_ae, nothing between
+    seen = [(100.0, []), (102.0, ["prepare_public"]), (110.0, ["prepare_private"]), (112.0, ["pretrain_ae"]),
+            (130.0, []), (132.0, ["pretrain_ae"])]
+    assert r.stage_durations(seen, 95.0, 140.0) == [("bootstrap", 7.0), ("prepare_public", 8.0), ("prepare_private", 2.0),
+                                                    ("pretrain_ae", 28.0)]
+    assert r.stage_durations([], 0.0, 5.0) == [("bootstrap", 5.0)]
+    assert r.STAGE_RE.search("/x/python -m stages.dp_finetune --in ldm=m").group(1) == "dp_finetune"
+    table = ("| stage | batch | s / step |\n|---|---:|---:|\n| pretrain_ae (contiguous) | 64 | 0.22 |\n"
+             "| pretrain_ldm | 128 | 0.26 |\n| pretrain_ldm (SDPA cross-attention: the day figure) | 192 | 0.43 |\n")
+    assert r.parse_day_figure(table) == 0.43 and r.parse_day_figure("no table") is None
+    text = r.append_row("", "| a | row 1 |", "`python benchmarks/repro_time.py` run 1", 2.0)
+    text = r.append_row(text, "| b | row 2 |", "`python benchmarks/repro_time.py --rev b` run 2", 2.0)
+    lines = text.splitlines()
+    rows = [i for i, line in enumerate(lines) if line.startswith("|")]
+    assert rows == list(range(rows[0], rows[0] + 4))  # header, rule, two rows: one unbroken table
+    assert lines[rows[-2]] == "| a | row 1 |" and lines[rows[-1]] == "| b | row 2 |"
+    assert lines[-2:] == ["- `python benchmarks/repro_time.py` run 1", "- `python benchmarks/repro_time.py --rev b` run 2"]

@@ -1,0 +1,157 @@
+"""The README's first command, timed as a newcomer runs it: a fresh clone of this repository, `make repro` from a clean
+shell (`env -i`, PATH without any venv), the machine's day figure (`benchmarks/pretrain_step.py`, last row) before and
+after, and each stage's time read from the process list. Appends one row to the table in --out.
+
+    python benchmarks/repro_time.py [--rev HEAD] [--interval 2] [--keep DIR] [--out benchmarks/results/repro_time.md]
+
+The clone (with its private data, models and `make repro` log) lives in a scratch folder that is deleted afterwards
+unless --keep names one. The row holds times and the release's evaluation aggregates only (epsilon spent, the CNN's
+accuracy on the real test split, label consistency, `fid_domain`): what the README reports."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import provenance  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"
+STAGE_RE = re.compile(r"-m\s+stages\.(\w+)")
+HEADER = ["| commit | started (UTC) | day figure before / after (s/step) | total | exit | stages (s) | epsilon | CNN % (std) "
+          "| label consistency | fid_domain |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
+
+
+def day_figure(python: str, cwd: Path) -> float | None:
+    """The last row of `benchmarks/pretrain_step.py` (s/step at batch 192), run in ``cwd`` with ``python``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pretrain_step.md"
+        r = subprocess.run([python, "benchmarks/pretrain_step.py", "--out", str(out)], cwd=cwd, capture_output=True, text=True)
+        if r.returncode or not out.exists():
+            print(f"day figure failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+            return None
+        return parse_day_figure(out.read_text())
+
+
+def parse_day_figure(table: str) -> float | None:
+    rows = [line for line in table.splitlines() if line.startswith("| pretrain_ldm")]
+    return float(rows[-1].split("|")[3]) if rows else None
+
+
+def stage_durations(seen: list[tuple[float, list[str]]], t0: float, t_end: float) -> list[tuple[str, float]]:
+    """Each stage's time from the process-list samples ``seen`` [(time, stages running)]: from its first sighting to the
+    next stage's first sighting (the last one to ``t_end``); what comes before the first stage is the bootstrap."""
+    first: dict[str, float] = {}
+    for t, names in seen:
+        for name in names:
+            first.setdefault(name, t)
+    order = sorted(first, key=first.get)
+    starts = [first[s] for s in order] + [t_end]
+    out = [("bootstrap", (starts[0] if order else t_end) - t0)]
+    out += [(s, starts[i + 1] - starts[i]) for i, s in enumerate(order)]
+    return out
+
+
+def running_stages() -> list[str]:
+    import psutil
+
+    names = set()
+    for p in psutil.process_iter(["cmdline"]):
+        m = STAGE_RE.search(" ".join(p.info["cmdline"] or []))
+        if m:
+            names.add(m.group(1))
+    return sorted(names)
+
+
+def append_row(text: str, row: str, command: str, interval: float) -> str:
+    """``text`` (the results file, or "" for a new one) with ``row`` added at the end of its table and ``command``
+    (the run's provenance line) at the end of the list of commands below it."""
+    if not text:
+        text = "\n".join(["# The README's first command, timed from a fresh clone in a clean shell", "",
+                          "One row per `python benchmarks/repro_time.py` run; the commands, in the same order, below the "
+                          f"table. Stage times from the process list (every {interval:g} s): each from its start to the next "
+                          "stage's start. Quote them only with their day figures.", "", *HEADER, "", "Commands:", ""]) + "\n"
+    lines = text.rstrip("\n").split("\n")
+    last = max(i for i, line in enumerate(lines) if line.startswith("|"))
+    lines.insert(last + 1, row)
+    return "\n".join(lines + [f"- {command}"]) + "\n"
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rev", default="HEAD", help="the commit to clone and run (default: HEAD; uncommitted changes are not run)")
+    ap.add_argument("--interval", type=float, default=2.0, help="seconds between process-list samples")
+    ap.add_argument("--keep", help="clone into this (new) folder and keep it, the log beside it as <folder>.make_repro.log "
+                    "(default: a scratch folder, deleted)")
+    ap.add_argument("--out", default="benchmarks/results/repro_time.md")
+    args = ap.parse_args()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    if args.keep and Path(args.keep).exists():
+        raise SystemExit(f"--keep {args.keep}: exists; name a new folder")
+    rev = subprocess.run(["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    if not rev:
+        raise SystemExit(f"--rev {args.rev}: not a commit of this repository")
+    before = day_figure(sys.executable, ROOT)
+    print(f"day figure before: {before} s/step", flush=True)
+    scratch = Path(tempfile.mkdtemp(prefix="repro_time_"))
+    clone = Path(args.keep) if args.keep else scratch / "repo"
+    log = Path(f"{args.keep.rstrip('/')}.make_repro.log") if args.keep else scratch / "make_repro.log"
+    try:
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+        subprocess.run(["git", "checkout", "-q", rev], cwd=clone, check=True)
+        env = {"HOME": os.environ.get("HOME", str(Path.home())), "PATH": CLEAN_PATH}
+        seen: list[tuple[float, list[str]]] = []
+        t0 = time.time()
+        with open(log, "w") as fh:
+            proc = subprocess.Popen(["make", "repro"], cwd=clone, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            while proc.poll() is None:
+                seen.append((time.time(), running_stages()))
+                time.sleep(args.interval)
+        t_end = time.time()
+        print(f"make repro: exit {proc.returncode} in {t_end - t0:.0f} s (log {log})", flush=True)
+        after = day_figure(str(clone / ".venv/bin/python"), clone) if (clone / ".venv/bin/python").exists() else None
+        print(f"day figure after: {after} s/step", flush=True)
+        stages = stage_durations(seen, t0, t_end)
+        clf = read_json(clone / "dvclive/score_classifier/metrics.json")
+        fid = read_json(clone / "dvclive/score_fid/metrics.json")
+        eps = read_json(clone / "dvclive/dp_finetune/metrics.json").get("train", {}).get("epsilon_spent")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    def fmt(v, spec):
+        return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+    row = (f"| {rev} | {started:%Y-%m-%d %H:%M} | {fmt(before, '.2f')} / {fmt(after, '.2f')} | "
+           f"**{(t_end - t0) / 60:.1f} min** ({t_end - t0:.0f} s) | {proc.returncode} | "
+           f"{', '.join(f'{name} {sec:.0f}' for name, sec in stages)} | {fmt(eps, '.3f')} | "
+           f"{fmt(100 * clf['cnn_accuracy'] if 'cnn_accuracy' in clf else None, '.1f')} "
+           f"({fmt(100 * clf['cnn_accuracy_std'] if 'cnn_accuracy_std' in clf else None, '.1f')}) | "
+           f"{fmt(fid.get('label_consistency'), '.3f')} | {fmt(fid.get('fid_domain'), '.1f')} |")
+    out = Path(args.out)
+    text = append_row(out.read_text() if out.exists() else "", row, provenance("repro_time.py", None, started), args.interval)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print("\n".join(HEADER + [row]))
+    if proc.returncode:
+        raise SystemExit(f"make repro failed (exit {proc.returncode})")
+
+
+if __name__ == "__main__":
+    main()
