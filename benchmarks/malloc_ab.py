@@ -8,8 +8,9 @@ CPU time, page faults and peak RSS per run, and whether the two variants wrote t
 Run it in a workspace where ``dvc repro`` has run (the stages' inputs exist). Each stage runs its own ``cmd`` from
 dvc.yaml with every ``--out`` and ``--state`` path redirected to a scratch folder (deleted afterwards), so the
 workspace and its DVC outputs are left alone and nothing is written outside the scratch folder but the table, which
-holds times only. Stages that draw from the operating system's randomness (DP noise: dp_finetune, audit) cannot write
-the same bytes twice; the others must."""
+holds times only. Every run gets its own scratch outputs, so no checkpoint or ledger carries over from one run to the
+next. Stages that draw from the operating system's randomness (DP noise: dp_finetune, audit) cannot write the same
+bytes twice; the others must."""
 from __future__ import annotations
 
 import argparse
@@ -81,12 +82,12 @@ def main() -> None:
         for stage in args.stages:
             for r in range(args.rounds):
                 for label, value in VARIANTS.items():
-                    scratch = Path(tmp) / stage / value
+                    scratch = Path(tmp) / stage / value / str(r)  # a fresh one per run: no checkpoint, ledger or cache carried over
                     env = {**os.environ, "DPLDM_MALLOC": value, "DPLDM_PROGRESS": "0"}
                     res = run_once(redirected(stages[stage]["cmd"], scratch), env)
                     runs.setdefault((stage, label), []).append(res)
                     print(f"{stage} round {r + 1}, {label}: {res}", flush=True)
-            same[stage] = differing(*(Path(tmp) / stage / v for v in VARIANTS.values()))
+            same[stage] = differing(*(Path(tmp) / stage / v / str(args.rounds - 1) for v in VARIANTS.values()))
     lines = [provenance("malloc_ab.py", None, started), "",
              "# glibc malloc: freed memory kept for reuse against glibc's default, per stage", "",
              f"Fresh process per run, variants alternated, {args.rounds} round(s), torch threads from params.yaml. That day's "
