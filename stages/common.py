@@ -98,10 +98,10 @@ def keep_freed_memory() -> bool:
     both thresholds are fixed at 1 GiB: only larger blocks get their own mapping, and the heap keeps
     what it freed for the next pass. Results are unchanged (only where memory comes from); the
     process's RSS stays at its peak until it exits, which suits one-shot stage processes (up to
-    about 200 MiB more peak RSS measured). Stages ran 0.99-1.11x as fast as without, none slower beyond
-    the noise, with 2-10x fewer page faults and the same output bytes (``benchmarks/malloc_ab.py``). ``DPLDM_MALLOC=default``
-    leaves glibc as it ships (``keep``, this setting, is the default); outside glibc nothing is changed.
-    Returns whether the setting took."""
+    about 200 MiB more peak RSS measured). Stages ran 0.99-1.11x as fast as without, none slower
+    beyond the noise, with 2-10x fewer page faults and the same output bytes
+    (``benchmarks/malloc_ab.py``). ``DPLDM_MALLOC=default`` leaves glibc as it ships (``keep``, this
+    setting, is the default); outside glibc nothing is changed. Returns whether the setting took."""
     import ctypes
     import platform
 
