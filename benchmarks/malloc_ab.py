@@ -45,15 +45,17 @@ def redirected(cmd: str, scratch: Path) -> list[str]:
 
 
 def run_once(argv: list[str], env: dict) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read()
-    proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"{shlex.join(argv)} failed ({proc.returncode}):\n{err[-3000:]}")
+    """One run in a fresh process: its wall time and its own rusage. stderr goes to a file, not a pipe: a pipe nobody
+    reads until the child exits would stall a stage that writes more than the pipe holds."""
+    with tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            raise SystemExit(f"{shlex.join(argv)} failed ({proc.returncode}):\n{err.read()[-3000:]}")
     return {"wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime, "minflt": ru.ru_minflt, "maxrss_mib": ru.ru_maxrss / 1024}
 
 
