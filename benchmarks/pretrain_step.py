@@ -1,14 +1,15 @@
 """Seconds per training step of the AE and the latent UNet at params.yaml's shapes and batch sizes,
 and the pretraining time they imply (steps from params.yaml). Random inputs: timing only. The last
-LDM row (diffusers' SDPA in every attention layer, as the stage ran before 2026-12-01, at batch 192 whatever
-params.yaml says) is the day figure that README times are quoted with: it measures the machine, not our code.
+LDM row (diffusers' SDPA in every attention layer, as the stage ran before 2026-12-01, at batch 192 and 8
+attention heads whatever params.yaml says) is the day figure that README times are quoted with: it measures
+the machine, not our code.
 
     python benchmarks/pretrain_step.py [--steps 5] [--compile] [--out benchmarks/results/pretrain_step.md]
         [--set ae.block_out_channels=[16,32,64,64],ae.latent_channels=3]   # time another shape"""
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import datetime
 import math
 import platform
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance  # noqa: E402
 
 DAY_FIGURE_BATCH = 192  # the LDM batch of the day figure, fixed so that figures compare across days
+DAY_FIGURE_HEADS = 8    # its attention heads (ldm.attention_head_dim), fixed for the same reason
 
 
 def timed(step, n: int) -> float:
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     # The day figure: diffusers' SDPA in every attention layer, as the stage ran before the one-token
     # cross-attention shortcut (dpldm.models.OneTokenCrossAttnProcessor), at the batch every earlier figure
     # used (192; ldm.batch_size was 192 until 2026-12-01), so that it compares across days.
-    reference = copy.deepcopy(ldm)
+    # Its heads are pinned too: a new ldm.attention_head_dim must not change what the day figure measures.
+    reference = build_ldm(dataclasses.replace(c["ldm"], attention_head_dim=DAY_FIGURE_HEADS),
+                          latent_channels=lat[0], latent_size=lat[1])
     reference.unet.set_attn_processor(AttnProcessor2_0())
     rows.append(("pretrain_ldm (SDPA cross-attention: the day figure)", DAY_FIGURE_BATCH,
                  timed(make_ldm_step(reference, DAY_FIGURE_BATCH), args.steps), c["ldm"].steps, 0.0))

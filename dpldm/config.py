@@ -205,7 +205,7 @@ class LDMConfig:
 
     block_out_channels: tuple[int, ...]
     layers_per_block: int
-    attention_head_dim: int
+    attention_head_dim: int  # diffusers' name for the number of attention heads (head width = channels / this)
     cross_attention_dim: int
     norm_num_groups: int
     attention_levels: tuple[int, ...]  # resolution levels with cross-attention; () = all
@@ -230,6 +230,9 @@ class LDMConfig:
         check(len(self.block_out_channels) >= 1, "ldm.block_out_channels", self.block_out_channels, "at least one channel count")
         check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "ldm.block_out_channels",
               self.block_out_channels, f"multiples of ldm.norm_num_groups={self.norm_num_groups}")
+        check(self.attention_head_dim >= 1 and all(c % self.attention_head_dim == 0 for c in self.block_out_channels),
+              "ldm.attention_head_dim", self.attention_head_dim,
+              f"a number of heads >= 1 that divides every entry of ldm.block_out_channels={list(self.block_out_channels)}")
         check(self.num_classes >= 1, "ldm.num_classes", self.num_classes, "an integer >= 1")
         check(self.num_train_timesteps >= 2, "ldm.num_train_timesteps", self.num_train_timesteps, "an integer >= 2")
         check(0 < self.beta_start < self.beta_end < 1, "ldm.beta_end", self.beta_end, "0 < beta_start < beta_end < 1")

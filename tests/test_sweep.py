@@ -1,11 +1,15 @@
 """The sweep's settings: how --extra / --set strings become experiment params, and the plot's labels."""
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from pipeline.sweep import parse_assignments, setting_label, settings_of, visible_output
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_assignments_keep_yaml_lists_whole():
@@ -258,11 +262,15 @@ def test_rescoring_starts_after_the_dp_release_and_never_runs_the_audit():
     assert {"prepare_private", "encode_private", "pretrain_ldm", "dp_finetune"} <= ancestors(stages, "sample")
 
 
-def test_pretrain_step_figure_says_when_and_where_it_was_measured(tmp_path):
+def test_pretrain_step_figure_says_when_and_where_it_was_measured(tmp_path, monkeypatch):
     """The day's step figure is quoted beside every time: its file starts with the command, commit and date."""
     out = tmp_path / "ps.md"
-    argv = ["--steps", "1", "--set", "ae.batch_size=4,ldm.batch_size=4", "--out", str(out)]
-    _benchmark("pretrain_step").main(argv)
+    argv = ["--steps", "1", "--set", "ae.batch_size=4,ldm.batch_size=4,ldm.attention_head_dim=2", "--out", str(out)]
+    ps = _benchmark("pretrain_step")
+    heads, build = [], ps.build_ldm
+    monkeypatch.setattr(ps, "build_ldm", lambda cfg, **kw: heads.append(cfg.attention_head_dim) or build(cfg, **kw))
+    ps.main(argv)
+    assert heads == [2, ps.DAY_FIGURE_HEADS]  # params.yaml's heads for its own row, the day figure's pinned heads
     first, _, rest = out.read_text().partition("\n")
     assert first.startswith("`python benchmarks/pretrain_step.py --steps 1 --set ae.batch_size=4,ldm.batch_size=4")
     assert "commit" in first and "UTC" in first
@@ -292,3 +300,21 @@ def test_repro_time_reads_stage_times_day_figures_and_appends_rows_to_one_table(
     assert rows == list(range(rows[0], rows[0] + 4))  # header, rule, two rows: one unbroken table
     assert lines[rows[-2]] == "| a | row 1 |" and lines[rows[-1]] == "| b | row 2 |"
     assert lines[-2:] == ["- `python benchmarks/repro_time.py` run 1", "- `python benchmarks/repro_time.py --rev b` run 2"]
+
+
+def test_ldm_shape_ab_times_every_stage_per_variant_and_states_ratios_against_the_first(tmp_path):
+    """benchmarks/ldm_shape_ab.py: alternated fresh processes, three timings per variant, ratios against the first."""
+    tiny = ("ldm.batch_size=4,finetune.batch_size=6,finetune.physical_batch_size=6,sample.steps=2,sample.batch_size=4")
+    out = tmp_path / "ab.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ldm_shape_ab.py"), "--variant", f"h8:ldm.attention_head_dim=8,{tiny}",
+                    "--variant", f"h2:ldm.attention_head_dim=2,{tiny}", "--rounds", "1", "--steps", "1", "--samples", "6",
+                    "--out", str(out)], check=True, cwd=ROOT, capture_output=True, text=True)
+    text = out.read_text()
+    assert text.startswith("`python benchmarks/ldm_shape_ab.py --variant h8:") and "UTC" in text.splitlines()[0]
+    rows = {r.split("|")[1].strip(): r.split("|") for r in text.splitlines() if r.startswith("| h")}
+    assert set(rows) == {"h8", "h2"}
+    assert [c.strip() for c in rows["h8"][6:9]] == ["1.00x", "1.00x", "1.00x"]  # the baseline against itself
+    assert all(float(c) > 0 for c in rows["h2"][3:6])  # one time per process and kind
+    with pytest.raises(SystemExit):  # one variant is refused: nothing to compare
+        _benchmark("ldm_shape_ab").main(["--variant", "h8:", "--out", str(tmp_path / "none.md")])
+    assert not (tmp_path / "none.md").exists()
