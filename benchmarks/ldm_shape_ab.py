@@ -37,8 +37,9 @@ def one(overrides: dict, steps: int, samples: int) -> dict:
     import yaml
 
     import dp_step
+    from pretrain_step import ldm_step_fn, timed
     from dpldm.config import load_all, with_overrides
-    from dpldm.diffusion import eps_loss, make_scheduler
+    from dpldm.diffusion import make_scheduler
     from dpldm.models import build_autoencoder, build_ldm, latent_shape
     from dpldm.sampling import generate
 
@@ -49,20 +50,8 @@ def one(overrides: dict, steps: int, samples: int) -> dict:
     lat = latent_shape(c["ae"], image_size=pub.image_size)
     ldm = build_ldm(ldm_cfg, latent_channels=lat[0], latent_size=lat[1])
     sched = make_scheduler(ldm_cfg)
-    opt = torch.optim.AdamW(ldm.parameters(), lr=1e-3)
-    z, y = torch.randn(ldm_cfg.batch_size, *lat), torch.randint(0, ldm_cfg.num_classes, (ldm_cfg.batch_size,))
-
-    def ldm_step():
-        loss = eps_loss(ldm, z, y, scheduler=sched).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    ldm_step()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        ldm_step()
-    pretrain = (time.perf_counter() - t0) / steps
+    pretrain = timed(ldm_step_fn(ldm, ldm_cfg.batch_size, latent=lat, scheduler=sched, num_classes=ldm_cfg.num_classes),
+                     steps)
 
     ae = build_autoencoder(c["ae"], channels=pub.channels, image_size=pub.image_size).eval()
     ldm.eval()

@@ -33,6 +33,19 @@ DAY_FIGURE_BATCH = 192  # the LDM batch of the day figure, fixed so that figures
 DAY_FIGURE_HEADS = 8    # its attention heads (ldm.attention_head_dim), fixed for the same reason
 
 
+def ldm_step_fn(net, batch: int, *, latent: tuple[int, ...], scheduler, num_classes: int = 10):
+    """One pretrain_ldm training step (eps loss, backward, AdamW) on a fixed random batch, as a closure."""
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    z, y = torch.randn(batch, *latent), torch.randint(0, num_classes, (batch,))
+
+    def ldm_step():
+        loss = eps_loss(net, z, y, scheduler=scheduler).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return ldm_step
+
+
 def timed(step, n: int) -> float:
     step()  # warm-up
     t0 = time.perf_counter()
@@ -73,16 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     ldm = build_ldm(c["ldm"], latent_channels=lat[0], latent_size=lat[1])
     sched = make_scheduler(c["ldm"])
 
-    def make_ldm_step(net, batch: int):
-        opt2 = torch.optim.AdamW(net.parameters(), lr=1e-3)
-        z, y = torch.randn(batch, *lat), torch.randint(0, 10, (batch,))
-
-        def ldm_step():
-            loss = eps_loss(net, z, y, scheduler=sched).mean()
-            opt2.zero_grad()
-            loss.backward()
-            opt2.step()
-        return ldm_step
+    make_ldm_step = lambda net, batch: ldm_step_fn(net, batch, latent=lat, scheduler=sched)
 
     n_train = pub.count - (pub.n_test or round(pub.test_fraction * pub.count))
     ae_steps = c["ae"].epochs * math.ceil(n_train / c["ae"].batch_size)

@@ -1,15 +1,13 @@
 """The sweep's settings: how --extra / --set strings become experiment params, and the plot's labels."""
+import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from pipeline.sweep import parse_assignments, setting_label, settings_of, visible_output
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_assignments_keep_yaml_lists_whole():
@@ -265,7 +263,10 @@ def test_rescoring_starts_after_the_dp_release_and_never_runs_the_audit():
 def test_pretrain_step_figure_says_when_and_where_it_was_measured(tmp_path, monkeypatch):
     """The day's step figure is quoted beside every time: its file starts with the command, commit and date."""
     out = tmp_path / "ps.md"
-    argv = ["--steps", "1", "--set", "ae.batch_size=4,ldm.batch_size=4,ldm.attention_head_dim=2", "--out", str(out)]
+    import torch
+
+    argv = ["--steps", "1", "--set", f"ae.batch_size=4,ldm.batch_size=4,ldm.attention_head_dim=2,runtime.threads={torch.get_num_threads()}",
+            "--out", str(out)]  # the worker's thread count: main() sets it in this process
     ps = _benchmark("pretrain_step")
     heads, build = [], ps.build_ldm
     monkeypatch.setattr(ps, "build_ldm", lambda cfg, **kw: heads.append(cfg.attention_head_dim) or build(cfg, **kw))
@@ -302,19 +303,36 @@ def test_repro_time_reads_stage_times_day_figures_and_appends_rows_to_one_table(
     assert lines[-2:] == ["- `python benchmarks/repro_time.py` run 1", "- `python benchmarks/repro_time.py --rev b` run 2"]
 
 
-def test_ldm_shape_ab_times_every_stage_per_variant_and_states_ratios_against_the_first(tmp_path):
-    """benchmarks/ldm_shape_ab.py: alternated fresh processes, three timings per variant, ratios against the first."""
-    tiny = ("ldm.batch_size=4,finetune.batch_size=6,finetune.physical_batch_size=6,sample.steps=2,sample.batch_size=4")
+def test_ldm_shape_ab_times_every_stage_per_variant_and_states_ratios_against_the_first(tmp_path, monkeypatch):
+    """benchmarks/ldm_shape_ab.py: three timings per variant and process, ratios against the first variant. Its
+    processes run here in this one (the same ``--one`` code path) to keep the test cheap."""
+    ab = _benchmark("ldm_shape_ab")
+    calls, run = [], subprocess.run
+
+    def in_process(cmd, **kw):
+        if "--one" not in cmd:  # provenance's git calls
+            return run(cmd, **kw)
+        over = json.loads(cmd[cmd.index("--one") + 1])
+        calls.append(over["ldm.attention_head_dim"])
+        r = ab.one(over, int(cmd[cmd.index("--steps") + 1]), int(cmd[cmd.index("--samples") + 1]))
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(r) + "\n", stderr="")
+
+    monkeypatch.setattr(ab.subprocess, "run", in_process)
+    import torch
+
+    tiny = (f"runtime.threads={torch.get_num_threads()},"  # in this process: keep the worker's thread count
+            "ldm.batch_size=4,finetune.batch_size=6,finetune.physical_batch_size=6,sample.steps=2,sample.batch_size=4")
     out = tmp_path / "ab.md"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ldm_shape_ab.py"), "--variant", f"h8:ldm.attention_head_dim=8,{tiny}",
-                    "--variant", f"h2:ldm.attention_head_dim=2,{tiny}", "--rounds", "1", "--steps", "1", "--samples", "6",
-                    "--out", str(out)], check=True, cwd=ROOT, capture_output=True, text=True)
+    ab.main(["--variant", f"h8:ldm.attention_head_dim=8,{tiny}", "--variant", f"h2:ldm.attention_head_dim=2,{tiny}",
+             "--rounds", "2", "--steps", "1", "--samples", "6", "--out", str(out)])
+    assert calls == [8, 2, 8, 2]  # alternated, round by round
     text = out.read_text()
-    assert text.startswith("`python benchmarks/ldm_shape_ab.py --variant h8:") and "UTC" in text.splitlines()[0]
+    assert "ldm_shape_ab.py" in text.splitlines()[0] and "UTC" in text.splitlines()[0]
     rows = {r.split("|")[1].strip(): r.split("|") for r in text.splitlines() if r.startswith("| h")}
     assert set(rows) == {"h8", "h2"}
     assert [c.strip() for c in rows["h8"][6:9]] == ["1.00x", "1.00x", "1.00x"]  # the baseline against itself
-    assert all(float(c) > 0 for c in rows["h2"][3:6])  # one time per process and kind
+    times = [[float(t) for t in c.split(",")] for c in rows["h2"][3:6]]
+    assert all(len(t) == 2 and min(t) > 0 for t in times)  # one positive time per process and kind
     with pytest.raises(SystemExit):  # one variant is refused: nothing to compare
-        _benchmark("ldm_shape_ab").main(["--variant", "h8:", "--out", str(tmp_path / "none.md")])
+        ab.main(["--variant", "h8:", "--out", str(tmp_path / "none.md")])
     assert not (tmp_path / "none.md").exists()
