@@ -31,6 +31,7 @@ from provenance import provenance  # noqa: E402
 
 DAY_FIGURE_BATCH = 192  # the LDM batch of the day figure, fixed so that figures compare across days
 DAY_FIGURE_HEADS = 8    # its attention heads (ldm.attention_head_dim), fixed for the same reason
+DAY_FIGURE_FF_MULT = 4  # its feed-forward width (ldm.ff_mult), fixed for the same reason
 
 
 def ldm_step_fn(net, batch: int, *, latent: tuple[int, ...], scheduler, num_classes: int = 10):
@@ -98,8 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     # The day figure: diffusers' SDPA in every attention layer, as the stage ran before the one-token
     # cross-attention shortcut (dpldm.models.OneTokenCrossAttnProcessor), at the batch every earlier figure
     # used (192; ldm.batch_size was 192 until 2026-12-01), so that it compares across days.
-    # Its heads are pinned too: a new ldm.attention_head_dim must not change what the day figure measures.
-    reference = build_ldm(dataclasses.replace(c["ldm"], attention_head_dim=DAY_FIGURE_HEADS),
+    # Its heads and feed-forward width are pinned too: a new ldm.attention_head_dim or ldm.ff_mult must not
+    # change what the day figure measures.
+    reference = build_ldm(dataclasses.replace(c["ldm"], attention_head_dim=DAY_FIGURE_HEADS, ff_mult=DAY_FIGURE_FF_MULT),
                           latent_channels=lat[0], latent_size=lat[1])
     reference.unet.set_attn_processor(AttnProcessor2_0())
     rows.append(("pretrain_ldm (SDPA cross-attention: the day figure)", DAY_FIGURE_BATCH,

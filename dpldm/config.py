@@ -207,6 +207,7 @@ class LDMConfig:
     layers_per_block: int
     attention_head_dim: int  # diffusers' name for the number of attention heads (head width = channels / this)
     cross_attention_dim: int
+    ff_mult: int  # the attention modules' feed-forward (GEGLU) width in multiples of their channels (diffusers: 4)
     norm_num_groups: int
     attention_levels: tuple[int, ...]  # resolution levels with cross-attention; () = all
     num_classes: int
@@ -233,6 +234,7 @@ class LDMConfig:
         check(self.attention_head_dim >= 1 and all(c % self.attention_head_dim == 0 for c in self.block_out_channels),
               "ldm.attention_head_dim", self.attention_head_dim,
               f"a number of heads >= 1 that divides every entry of ldm.block_out_channels={list(self.block_out_channels)}")
+        check(self.ff_mult >= 1, "ldm.ff_mult", self.ff_mult, "an integer >= 1 (diffusers' transformer blocks use 4)")
         check(self.num_classes >= 1, "ldm.num_classes", self.num_classes, "an integer >= 1")
         check(self.num_train_timesteps >= 2, "ldm.num_train_timesteps", self.num_train_timesteps, "an integer >= 2")
         check(0 < self.beta_start < self.beta_end < 1, "ldm.beta_end", self.beta_end, "0 < beta_start < beta_end < 1")

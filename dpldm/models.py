@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from .config import AEConfig, LDMConfig
@@ -134,8 +135,23 @@ def build_unet(cfg: LDMConfig, *, latent_channels: int, latent_size: int) -> UNe
         norm_num_groups=cfg.norm_num_groups,
         class_embed_type="identity" if cfg.class_time_embedding else None,  # adds ClassEmbedder's vector
     )
+    if cfg.ff_mult != DIFFUSERS_FF_MULT:
+        set_ff_mult(unet, cfg.ff_mult)
     use_one_token_cross_attention(unet)
     return unet
+
+
+DIFFUSERS_FF_MULT = 4  # BasicTransformerBlock's feed-forward width, in multiples of its channels
+
+
+def set_ff_mult(unet: UNet2DConditionModel, mult: int) -> None:
+    """Give every transformer block a freshly initialised feed-forward of width ``mult`` x its channels
+    (diffusers' UNet2DConditionModel has no argument for it; its blocks use 4). The rest of each block,
+    GEGLU activation and biases included, stays as diffusers builds it."""
+    for block in unet.modules():
+        if isinstance(block, BasicTransformerBlock):
+            old = block.ff
+            block.ff = FeedForward(block.dim, mult=mult, activation_fn="geglu", bias=old.net[2].bias is not None)
 
 
 def time_embed_dim(cfg: LDMConfig) -> int:

@@ -4,7 +4,7 @@ stages that read a model import it, so no stage imports another stage. Both load
 from __future__ import annotations
 
 from dpldm.config import AEConfig, LDMConfig, from_mapping
-from dpldm.models import ConditionalUNet, build_autoencoder, build_ldm
+from dpldm.models import DIFFUSERS_FF_MULT, ConditionalUNet, build_autoencoder, build_ldm
 from stages.common import load_model_files
 
 
@@ -12,6 +12,7 @@ def load_ldm(folder) -> tuple[ConditionalUNet, LDMConfig, dict]:
     state, conf = load_model_files(folder, generator=True)
     fields = {k: v for k, v in conf.items() if k in LDMConfig.__dataclass_fields__}
     fields.setdefault("snr_gamma", 0.0)  # a training-only key; models saved before it existed were trained without it
+    fields.setdefault("ff_mult", DIFFUSERS_FF_MULT)  # models saved before the key existed have diffusers' feed-forward
     cfg = from_mapping(LDMConfig, fields, prefix="ldm")
     model = build_ldm(cfg, latent_channels=conf["latent_shape"][0], latent_size=conf["latent_shape"][1])
     try:

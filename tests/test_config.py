@@ -26,6 +26,7 @@ def test_dvc_string_float_is_accepted():
     ("ldm", "block_out_channels", [30, 64], "ldm.block_out_channels"),
     ("ldm", "attention_head_dim", 3, "ldm.attention_head_dim"),  # heads must divide 32 and 64
     ("ldm", "attention_head_dim", 0, "ldm.attention_head_dim"),
+    ("ldm", "ff_mult", 0, "ldm.ff_mult"),
     ("runtime", "device", "tpu", "runtime.device"),
     ("sample", "steps", 2.5, "sample.steps"),
     ("ae", "recon_loss", "l3", "ae.recon_loss"),

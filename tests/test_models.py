@@ -73,6 +73,43 @@ def test_checkpoint_roundtrip_identical_outputs(tmp_path):
     assert load_ldm(tmp_path / "old")[1].snr_gamma == 0.0
 
 
+@pytest.mark.parametrize("mult", [1, 2, 8])
+def test_ff_mult_sets_the_feed_forward_width_only(mult, tmp_path):
+    """ldm.ff_mult = 4 is diffusers' own block, bit for bit; another width changes each transformer block's
+    feed-forward (GEGLU: 2 x mult x C, then back to C) and nothing else, and survives a save and load."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from stages.common import save_model
+    from dpldm.config import to_dict
+    from stages.artifacts import load_ldm
+
+    torch.manual_seed(0)
+    plain = build_ldm(cfg("ldm", ff_mult=4), latent_channels=4, latent_size=8)
+    torch.manual_seed(0)
+    default = build_ldm(cfg("ldm"), latent_channels=4, latent_size=8)  # params.yaml's width
+    if cfg("ldm").ff_mult == 4:
+        assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), default.state_dict().values(), strict=True))
+    other = build_ldm(cfg("ldm", ff_mult=mult), latent_channels=4, latent_size=8)
+    a, b = plain.state_dict(), other.state_dict()
+    assert a.keys() == b.keys()
+    changed = {k for k in a if a[k].shape != b[k].shape}
+    assert changed and all(".ff.net." in k for k in changed)
+    blocks = [m for m in other.modules() if isinstance(m, BasicTransformerBlock)]
+    assert len(blocks) == len(attention_modules(other)) == 7
+    for blk in blocks:
+        c = blk.dim
+        assert blk.ff.net[0].proj.weight.shape == (2 * mult * c, c) and blk.ff.net[2].weight.shape == (c, mult * c)
+    save_model(tmp_path / "m", state_dict=other.state_dict(), config=to_dict(cfg("ldm", ff_mult=mult)),
+               extra={"latent_shape": [4, 8, 8]})
+    loaded, loaded_cfg, _ = load_ldm(tmp_path / "m")
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
+    with torch.no_grad():
+        assert loaded_cfg.ff_mult == mult and torch.equal(other.eval()(x, t, y), loaded.eval()(x, t, y))
+    # a model saved before the key existed has diffusers' width and loads as such
+    old = {k: v for k, v in to_dict(cfg("ldm", ff_mult=4)).items() if k != "ff_mult"}
+    save_model(tmp_path / "old", state_dict=plain.state_dict(), config=old, extra={"latent_shape": [4, 8, 8]})
+    assert load_ldm(tmp_path / "old")[1].ff_mult == 4
+
+
 def test_checkpoint_of_other_architecture_is_refused(tmp_path):
     from stages.common import save_model
     from dpldm.config import to_dict

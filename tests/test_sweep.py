@@ -265,13 +265,15 @@ def test_pretrain_step_figure_says_when_and_where_it_was_measured(tmp_path, monk
     out = tmp_path / "ps.md"
     import torch
 
-    argv = ["--steps", "1", "--set", f"ae.batch_size=4,ldm.batch_size=4,ldm.attention_head_dim=2,runtime.threads={torch.get_num_threads()}",
+    sets = f"ae.batch_size=4,ldm.batch_size=4,ldm.attention_head_dim=2,ldm.ff_mult=2,runtime.threads={torch.get_num_threads()}"
+    argv = ["--steps", "1", "--set", sets,
             "--out", str(out)]  # the worker's thread count: main() sets it in this process
     ps = _benchmark("pretrain_step")
     heads, build = [], ps.build_ldm
-    monkeypatch.setattr(ps, "build_ldm", lambda cfg, **kw: heads.append(cfg.attention_head_dim) or build(cfg, **kw))
+    monkeypatch.setattr(ps, "build_ldm", lambda cfg, **kw: heads.append((cfg.attention_head_dim, cfg.ff_mult)) or build(cfg, **kw))
     ps.main(argv)
-    assert heads == [2, ps.DAY_FIGURE_HEADS]  # params.yaml's heads for its own row, the day figure's pinned heads
+    # the overridden heads and feed-forward for its own row, the day figure's pinned ones for the last
+    assert heads == [(2, 2), (ps.DAY_FIGURE_HEADS, ps.DAY_FIGURE_FF_MULT)]
     first, _, rest = out.read_text().partition("\n")
     assert first.startswith("`python benchmarks/pretrain_step.py --steps 1 --set ae.batch_size=4,ldm.batch_size=4")
     assert "commit" in first and "UTC" in first
