@@ -117,6 +117,9 @@ def use_one_token_cross_attention(unet: UNet2DConditionModel) -> None:
             module.set_processor(OneTokenCrossAttnProcessor())
 
 
+DIFFUSERS_FF_MULT = 4  # BasicTransformerBlock's feed-forward width, in multiples of its channels
+
+
 def build_unet(cfg: LDMConfig, *, latent_channels: int, latent_size: int) -> UNet2DConditionModel:
     n = len(cfg.block_out_channels)
     levels = set(range(n)) if not cfg.attention_levels else set(cfg.attention_levels)
@@ -139,9 +142,6 @@ def build_unet(cfg: LDMConfig, *, latent_channels: int, latent_size: int) -> UNe
         set_ff_mult(unet, cfg.ff_mult)
     use_one_token_cross_attention(unet)
     return unet
-
-
-DIFFUSERS_FF_MULT = 4  # BasicTransformerBlock's feed-forward width, in multiples of its channels
 
 
 def set_ff_mult(unet: UNet2DConditionModel, mult: int) -> None:
