@@ -75,19 +75,16 @@ def test_checkpoint_roundtrip_identical_outputs(tmp_path):
 
 @pytest.mark.parametrize("mult", [1, 2, 8])
 def test_ff_mult_sets_the_feed_forward_width_only(mult, tmp_path):
-    """ldm.ff_mult = 4 is diffusers' own block, bit for bit; another width changes each transformer block's
+    """ldm.ff_mult = 4 keeps diffusers' own feed-forward width; another width changes each transformer block's
     feed-forward (GEGLU: 2 x mult x C, then back to C) and nothing else, and survives a save and load."""
     from diffusers.models.attention import BasicTransformerBlock
     from stages.common import save_model
     from dpldm.config import to_dict
     from stages.artifacts import load_ldm
 
-    torch.manual_seed(0)
     plain = build_ldm(cfg("ldm", ff_mult=4), latent_channels=4, latent_size=8)
-    torch.manual_seed(0)
-    default = build_ldm(cfg("ldm"), latent_channels=4, latent_size=8)  # params.yaml's width
-    if cfg("ldm").ff_mult == 4:
-        assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), default.state_dict().values(), strict=True))
+    for blk in (m for m in plain.modules() if isinstance(m, BasicTransformerBlock)):  # diffusers' own width
+        assert blk.ff.net[0].proj.weight.shape == (8 * blk.dim, blk.dim) and blk.ff.net[2].weight.shape == (blk.dim, 4 * blk.dim)
     other = build_ldm(cfg("ldm", ff_mult=mult), latent_channels=4, latent_size=8)
     a, b = plain.state_dict(), other.state_dict()
     assert a.keys() == b.keys()
