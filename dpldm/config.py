@@ -282,6 +282,7 @@ class FinetuneConfig:
     clip_norm: float
     lr: float
     noise_multiplicity: int  # K (DPDM)
+    stratified_t: bool  # each example's K timesteps one per stratum of [0, T) (dpldm.diffusion.draw_timesteps)
     ema_decay: float
     # Seeded DP noise and Poisson sampling, for tests and debugging only: every output says "not a DP release".
     reproducible_noise: bool

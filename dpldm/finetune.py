@@ -92,7 +92,7 @@ class Finetuning:
 
     def loss(self, zb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return eps_loss(self.net, zb.to(self.device), yb.to(self.device), scheduler=self.scheduler, generator=self.g_loss,
-                        k=self.cfg.noise_multiplicity).mean()
+                        k=self.cfg.noise_multiplicity, stratified=self.cfg.stratified_t).mean()
 
     def run_epoch(self, on_step: Callable[[], None] = lambda: None) -> list[float]:
         """One epoch; ``on_step`` after every logical (optimizer) step. Returns the per-batch losses."""

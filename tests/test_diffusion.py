@@ -1,7 +1,7 @@
 import torch
 
 from helpers import cfg
-from dpldm.diffusion import SOLVERS, eps_loss, expand_rows, make_scheduler, sample_latents
+from dpldm.diffusion import SOLVERS, draw_timesteps, eps_loss, expand_rows, make_scheduler, sample_latents
 
 
 def test_expand_rows_is_example_major():
@@ -161,3 +161,47 @@ def test_bf16_sampling_runs_the_network_in_bf16_and_stays_close_to_fp32():
     assert torch.allclose(runs["bf16"], runs["fp32"], atol=0.05 * runs["fp32"].abs().max().item())
     with pytest.raises(ValueError, match="fp16"):
         sample_latents(model, torch.zeros(1, dtype=torch.long), shape=(2, 3, 3), scheduler=s, steps=1, eta=1.0, precision="fp16")
+
+
+def test_stratified_timesteps_put_one_row_of_each_example_in_each_stratum_uniformly():
+    g = torch.Generator().manual_seed(0)
+    b, k, T = 20000, 2, 1000
+    t = draw_timesteps(b, k, num_train_timesteps=T, generator=g, stratified=True)
+    assert t.dtype == torch.long and t.shape == (b * k,)
+    rows = t.view(b, k)  # example-major
+    assert torch.equal(rows // (T // k), torch.arange(k).expand(b, k))  # row j of every example in stratum j
+    # uniform within each stratum: every timestep drawn, the counts' chi-square within 6 sd of its T/K - 1 dof
+    for j in range(k):
+        counts = torch.bincount(rows[:, j] - j * T // k, minlength=T // k).double()
+        e, dof = b / (T // k), T // k - 1
+        chi2 = float(((counts - e) ** 2 / e).sum())
+        assert counts.shape == (T // k,) and counts.min() > 0 and abs(chi2 - dof) < 6 * (2 * dof) ** 0.5, chi2
+    # unbiased, with less variance: the per-example mean of t keeps the uniform mean; its variance is 1/K^2 of
+    # the uniform draws' (T^2 / (12 K)), as the K rows are independent and each spans a stratum of width T / K
+    uni = draw_timesteps(b, k, num_train_timesteps=T, generator=g).view(b, k).double().mean(1)
+    strat = rows.double().mean(1)
+    assert abs(strat.mean() - (T - 1) / 2) < 3 and abs(uni.mean() - (T - 1) / 2) < 6
+    assert strat.var() < 0.6 * uni.var() / k
+    # three strata that do not divide T; K = 1 is uniform over all of [0, T)
+    t3 = draw_timesteps(3000, 3, num_train_timesteps=1000, generator=g, stratified=True).view(3000, 3)
+    assert t3.min() >= 0 and t3.max() <= 999 and bool((t3[:, 1:] > t3[:, :-1]).all())
+    for j, (lo, hi) in enumerate([(0, 334), (333, 667), (666, 1000)]):  # [floor(jT/K), ceil((j+1)T/K))
+        assert lo <= int(t3[:, j].min()) and int(t3[:, j].max()) < hi
+    t1 = draw_timesteps(5000, 1, num_train_timesteps=1000, generator=g, stratified=True)
+    assert t1.min() < 10 and t1.max() > 989
+
+
+def test_eps_loss_uses_stratified_timesteps_per_example():
+    s = make_scheduler(cfg("ldm"))
+    seen = []
+
+    def model(z, t, y):
+        seen.append(t.clone())
+        return z * 0.5
+
+    z0, y = torch.randn(50, 2, 2, 2), torch.arange(50) % 10
+    eps_loss(model, z0, y, scheduler=s, generator=torch.Generator().manual_seed(2), k=2, stratified=True)
+    eps_loss(model, z0, y, scheduler=s, generator=torch.Generator().manual_seed(2), k=2)
+    strat, plain = (x.view(50, 2) for x in seen)
+    assert bool((strat[:, 0] < 500).all() and (strat[:, 1] >= 500).all())
+    assert not bool((plain[:, 0] < 500).all() and (plain[:, 1] >= 500).all())
