@@ -49,7 +49,7 @@ def draw_timesteps(b: int, k: int, *, num_train_timesteps: int, generator: torch
     independently. Stratified: example i's K rows take t_ij = floor((j + u_ij) T / K), j = 0..K-1, u_ij
     uniform on [0, 1) and independent: one t in each of K equal strata, uniform within it. The mean over an
     example's K rows then estimates the mean over t without bias and with less variance (stratified
-    sampling: for a loss linear in t, 1/K of the uniform draws' variance). With K = 1 both are uniform,
+    sampling: for a loss linear in t, 1/K^2 of the uniform draws' variance). With K = 1 both are uniform,
     through different draws."""
     if not stratified:
         return torch.randint(0, num_train_timesteps, (b * k,), generator=generator, device="cpu")

@@ -90,13 +90,20 @@ def test_eps_loss_k_average_equals_mean_of_rows():
     assert per_example.shape == (3,)
 
 
-def test_min_snr_weights_each_row_before_the_k_average():
-    s = make_scheduler(cfg("ldm"))
+def recording_model():
+    """A stand-in network that records the timesteps it is called with."""
     seen = []
 
     def model(z, t, y):
         seen.append(t.clone())
         return z * 0.5
+
+    return seen, model
+
+
+def test_min_snr_weights_each_row_before_the_k_average():
+    s = make_scheduler(cfg("ldm"))
+    seen, model = recording_model()
 
     z0, y = torch.randn(3, 2, 2, 2), torch.tensor([0, 1, 2])
     plain = eps_loss(model, z0, y, scheduler=s, generator=torch.Generator().manual_seed(1), k=4, snr_gamma=0.0)
@@ -193,11 +200,7 @@ def test_stratified_timesteps_put_one_row_of_each_example_in_each_stratum_unifor
 
 def test_eps_loss_uses_stratified_timesteps_per_example():
     s = make_scheduler(cfg("ldm"))
-    seen = []
-
-    def model(z, t, y):
-        seen.append(t.clone())
-        return z * 0.5
+    seen, model = recording_model()
 
     z0, y = torch.randn(50, 2, 2, 2), torch.arange(50) % 10
     eps_loss(model, z0, y, scheduler=s, generator=torch.Generator().manual_seed(2), k=2, stratified=True)
