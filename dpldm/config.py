@@ -363,6 +363,7 @@ class ClassifierConfig:
 class AuditConfig:
     """The privacy audit (stage audit): white-box gradient canaries and black-box membership."""
 
+    enabled: bool  # off: the stage only records that it did not run (the default `dvc repro` skips the audit's cost)
     canaries: int  # m Dirac gradient canaries, each included with probability 1/2
     epochs: int  # epochs of the audit's own DP run (dp_finetune's noise, rate, clip and K)
     guesses_in: int  # the auditor guesses "in" for this many top scores ...

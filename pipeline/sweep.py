@@ -137,7 +137,10 @@ def run_sweep(settings: list[tuple[str, dict]], *, repo: str = ".", rerun: bool 
             # `dvc exp run` leaves the previous experiment's params in the workspace: start each one from
             # the sweep's own baseline, or a setting would silently inherit the one before it
             params_file.write_text(original)
-            dvc(*exp_run_args(name, s), *TARGETS, *(("audit",) if audit else ()), repo=repo)
+            if audit:  # the audit is opt-in (audit.enabled): on in this experiment, its stage a target
+                dvc(*exp_run_args(name, {**s, "audit.enabled": True}), *TARGETS, "audit", repo=repo)
+            else:
+                dvc(*exp_run_args(name, s), *TARGETS, repo=repo)
     finally:
         params_file.write_text(original)  # the workspace's own params stay as they were
 

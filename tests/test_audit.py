@@ -104,3 +104,24 @@ def test_balanced_subset_matches_the_class_mix_whatever_the_storage_order():
     assert np.bincount(stored_by_class[idx]).tolist() == [100] * 10  # not the first 1,000 (classes 0-2)
     small = balanced_subset(np.array([0, 0, 0, 1]), 3, seed=0)
     assert sorted(np.bincount(np.array([0, 0, 0, 1])[small]).tolist()) == [1, 2]
+
+
+def test_the_audit_is_opt_in_and_when_off_reads_no_private_data_and_loads_no_torch(tmp_path):
+    """The default (audit.enabled false) records that the audit did not run and how to run it, without
+    touching its inputs (here they do not exist) or importing torch; the tiny pipeline runs it on."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from helpers import ROOT, env
+
+    assert yaml.safe_load((ROOT / "params.yaml").read_text())["audit"]["enabled"] is False
+    assert yaml.safe_load((ROOT / "tests/tiny_params.yaml").read_text())["audit"]["enabled"] is True
+    code = ("import sys; from stages.audit import main; main(['--in', 'ldm=no/ldm', '--in', 'latents=no/private.npz', "
+            f"'--in', 'released=no/released', '--out', 'live={tmp_path / 'live'}']); assert 'torch' not in sys.modules")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    metrics = json.loads((tmp_path / "live/metrics.json").read_text())
+    assert metrics == {"audit": "off (audit.enabled: false): run it with `dvc exp run -S audit.enabled=true audit`"}

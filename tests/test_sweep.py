@@ -338,3 +338,18 @@ def test_ldm_shape_ab_times_every_stage_per_variant_and_states_ratios_against_th
     with pytest.raises(SystemExit):  # one variant is refused: nothing to compare
         ab.main(["--variant", "h8:", "--out", str(tmp_path / "none.md")])
     assert not (tmp_path / "none.md").exists()
+
+
+def test_with_audit_turns_the_opt_in_audit_on_in_each_experiment_and_only_then(tmp_path, monkeypatch):
+    import pipeline.sweep as sw
+
+    (tmp_path / "params.yaml").write_text("finetune: {epsilon: 10}\naudit: {enabled: false}\n")
+    calls = []
+    monkeypatch.setattr(sw, "dvc", lambda *args, repo: calls.append(args))
+    for audit in (False, True):
+        calls.clear()
+        sw.run_sweep([("e1", {"finetune.epsilon": 1})], repo=str(tmp_path), audit=audit)
+        (run,) = [c for c in calls if c[:2] == ("exp", "run")]
+        assert "finetune.epsilon=1" in run
+        assert ("audit.enabled=true" in run) == audit and ("audit" in run) == audit  # the flag and the stage as a target
+    assert "enabled: false" in (tmp_path / "params.yaml").read_text()  # the workspace's params stay as they were
