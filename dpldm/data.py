@@ -92,49 +92,86 @@ def mnist_normalize(glyph: np.ndarray, *, box: int = 20, size: int = 28) -> np.n
     return out
 
 
-def elastic_distort(image: np.ndarray, rng: np.random.Generator, *, alpha: float, sigma: float) -> np.ndarray:
-    """Simard et al. (2003) elastic distortion: a smoothed random displacement field of size alpha."""
+def elastic_distort(image: np.ndarray, fields: list[np.ndarray], *, alpha: float, sigma: float) -> np.ndarray:
+    """Simard et al. (2003) elastic distortion: two uniform(-1, 1) ``fields`` of the image's shape, smoothed
+    (Gaussian ``sigma``) and scaled by ``alpha``, displace the pixels (dy, dx)."""
     from scipy import ndimage
 
-    dy, dx = (ndimage.gaussian_filter(rng.uniform(-1, 1, image.shape), sigma) * alpha for _ in range(2))
+    dy, dx = (ndimage.gaussian_filter(u, sigma) * alpha for u in fields)
     yy, xx = np.meshgrid(np.arange(image.shape[0]), np.arange(image.shape[1]), indexing="ij")
     return ndimage.map_coordinates(image, [yy + dy, xx + dx], order=1)
 
 
-def render_font_digits(*, count: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` printed digits, balanced over classes, white on black, in MNIST's format: random
-    font, stroke, slant/rotation/width and a mild elastic distortion, then MNIST's own size and
-    centre-of-mass normalisation (20x20 box in 28x28). Deterministic for ``seed``."""
-    rng = np.random.default_rng(seed)
-    fonts = font_files()
-    if not fonts:
-        raise DataSourceError("fontdigits: matplotlib ships no usable TrueType fonts in mpl-data/fonts/ttf")
-    big = 64  # render large, normalise down: smooth strokes
-    box = round(size * 20 / 28)
-    labels = np.arange(count, dtype=np.int64) % 10
-    rng.shuffle(labels)
-    out = np.empty((count, size, size), dtype=np.uint8)
-    font_cache: dict[int, ImageFont.FreeTypeFont] = {}
+_BIG = 64  # digits are rendered large, then normalised down: smooth strokes
+_CHUNK = 250  # digits per unit of work: bounds the memory of the drawn displacement fields (16 MB a chunk)
+
+
+def _draw_digit(rng: np.random.Generator, label: int, n_fonts: int) -> tuple:
+    """All random choices of one digit, from the one stream, in a fixed order: font, stroke, rotation, slant,
+    width, distortion size and its two displacement fields. Drawing is cheap; rendering is not."""
+    f, stroke = int(rng.integers(n_fonts)), int(rng.integers(0, 3))
+    angle, shear, width = np.deg2rad(rng.uniform(-15, 15)), rng.uniform(-0.15, 0.4), rng.uniform(0.8, 1.2)
+    alpha = rng.uniform(0, 30)
+    return int(label), f, stroke, angle, shear, width, alpha, [rng.uniform(-1, 1, (_BIG, _BIG)) for _ in range(2)]
+
+
+_FONT_CACHE: dict[tuple[str, int], ImageFont.FreeTypeFont] = {}
+
+
+def _render_digits(fonts: list[Path], draws: list[tuple], size: int) -> np.ndarray:
+    """The digits of ``draws`` (``_draw_digit``): uses no randomness of its own, so any process can render any chunk."""
+    big, box = _BIG, round(size * 20 / 28)
     cx = cy = big / 2  # transforms are about the centre
-    for n, label in enumerate(labels):
-        f = int(rng.integers(len(fonts)))
-        font = font_cache.get(f)
+    out = np.empty((len(draws), size, size), dtype=np.uint8)
+    for n, (label, f, stroke, angle, shear, width, alpha, fields) in enumerate(draws):
+        key = (str(fonts[f]), int(0.7 * big))
+        font = _FONT_CACHE.get(key)
         if font is None:
-            font = font_cache[f] = ImageFont.truetype(str(fonts[f]), int(0.7 * big))
+            font = _FONT_CACHE[key] = ImageFont.truetype(*key)
         img = Image.new("L", (big, big))
-        stroke = int(rng.integers(0, 3))
         ImageDraw.Draw(img).text((cx, cy), str(label), fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255)
         # rotation, slant (mostly to the right, as handwriting) and width, about the centre
-        angle = np.deg2rad(rng.uniform(-15, 15))
-        shear = rng.uniform(-0.15, 0.4)
-        width = rng.uniform(0.8, 1.2)
         a, b = np.cos(angle) / width, np.sin(angle) + shear
         c, d = -np.sin(angle) / width, np.cos(angle)
         img = img.transform((big, big), Image.Transform.AFFINE, (a, b, cx - a * cx - b * cy, c, d, cy - c * cx - d * cy),
                             resample=Image.Resampling.BILINEAR)
-        arr = elastic_distort(np.asarray(img, dtype=np.float32), rng, alpha=rng.uniform(0, 30) * big / 28, sigma=4 * big / 28)
+        arr = elastic_distort(np.asarray(img, dtype=np.float32), fields, alpha=alpha * big / 28, sigma=4 * big / 28)
         out[n] = np.clip(mnist_normalize(arr, box=box, size=size), 0, 255).astype(np.uint8)
-    return out[..., None], labels
+    return out
+
+
+def render_font_digits(*, count: int, seed: int, size: int = 28, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` printed digits, balanced over classes, white on black, in MNIST's format: random
+    font, stroke, slant/rotation/width and a mild elastic distortion, then MNIST's own size and
+    centre-of-mass normalisation (20x20 box in 28x28). Deterministic for ``seed``, whatever ``workers``:
+    one process draws every random choice in order, chunk by chunk, and ``workers`` processes render the
+    chunks (the same bytes as one process; tested)."""
+    rng = np.random.default_rng(seed)
+    fonts = font_files()
+    if not fonts:
+        raise DataSourceError("fontdigits: matplotlib ships no usable TrueType fonts in mpl-data/fonts/ttf")
+    labels = np.arange(count, dtype=np.int64) % 10
+    rng.shuffle(labels)
+    starts = range(0, count, _CHUNK)
+
+    def draws(start: int) -> list[tuple]:
+        return [_draw_digit(rng, label, len(fonts)) for label in labels[start:start + _CHUNK]]
+
+    if workers <= 1 or count <= _CHUNK:
+        out = [_render_digits(fonts, draws(start), size) for start in starts]
+    else:
+        import collections
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        out, pending = [], collections.deque()
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for start in starts:  # drawn in order; at most two chunks per worker wait, to bound memory
+                pending.append(pool.submit(_render_digits, fonts, draws(start), size))
+                if len(pending) >= 2 * workers:
+                    out.append(pending.popleft().result())
+            out += [f.result() for f in pending]
+    return np.concatenate(out)[..., None], labels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,10 +336,11 @@ def _cap(s: ImageSet, n: int, seed: int) -> ImageSet:
     return s.take(idx)
 
 
-def load_source(cfg: DatasetConfig, *, seed: int) -> LoadedData:
-    """Load the configured source as train/test ``ImageSet``s at the configured resolution."""
+def load_source(cfg: DatasetConfig, *, seed: int, workers: int = 1) -> LoadedData:
+    """Load the configured source as train/test ``ImageSet``s at the configured resolution (``workers``
+    processes render fontdigits: the same images for any number)."""
     if cfg.source == "fontdigits":
-        x, y = render_font_digits(count=cfg.count, seed=seed)
+        x, y = render_font_digits(count=cfg.count, seed=seed, workers=workers)
         classes = [str(i) for i in range(10)]
         full = ImageSet(x, y, np.arange(len(y)))
         n_test = cfg.n_test or max(1, int(round(cfg.test_fraction * len(y))))

@@ -3,6 +3,7 @@ manifest, an example grid per class, and DVCLive metrics."""
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 
@@ -17,7 +18,8 @@ OUTPUTS = ("data", "manifest", "grid", "live")
 def run_prepare(params: dict, outputs: dict, *, which: str) -> dict:
     cfg = getattr(load_section(params, "data"), which)
     _, seed = setup_runtime(params, stage=f"prepare_{which}")
-    loaded = load_source(cfg, seed=seed)
+    threads = load_section(params, "runtime").threads  # fontdigits renders in this many processes (0: one per core)
+    loaded = load_source(cfg, seed=seed, workers=threads or os.cpu_count() or 1)
     tr, te = loaded.train, loaded.test
     images = np.concatenate([tr.images, te.images])
     labels = np.concatenate([tr.labels, te.labels])

@@ -20,6 +20,18 @@ def test_fontdigits_deterministic_for_seed():
     assert a.max() > 200  # strokes are drawn
 
 
+def test_fontdigits_are_the_same_bytes_whatever_the_number_of_rendering_processes(monkeypatch):
+    """One process draws every random choice in order; worker processes render chunks of them: the images
+    may not depend on how many render, or on the chunking."""
+    import dpldm.data as data
+
+    serial, labels = render_font_digits(count=100, seed=4)
+    monkeypatch.setattr(data, "_CHUNK", 15)  # 7 chunks: more than the two per worker kept waiting
+    parallel, labels2 = render_font_digits(count=100, seed=4, workers=2)
+    assert parallel.tobytes() == serial.tobytes() and (labels2 == labels).all()
+    assert render_font_digits(count=100, seed=4, workers=1)[0].tobytes() == serial.tobytes()  # serial, chunked by 15
+
+
 def test_fontdigits_in_mnist_format():
     """Each glyph fits a 20x20 box and its centre of mass sits at the frame's centre, as in MNIST."""
     from scipy import ndimage
