@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from dpldm.config import AuditConfig, FinetuneConfig, load_section
 from stages.common import ConfigError, live, load_latents, npz_rows, progress, setup_runtime, stage_main
 
@@ -64,7 +66,6 @@ def white_box(cfg: FinetuneConfig, acfg: AuditConfig, inputs: dict, *, seed: int
 def black_box(acfg: AuditConfig, inputs: dict, *, device) -> dict:
     """Membership scores of the released model, and of the public model (never trained on either split)
     as the control: its AUC should be about 0.5; what the released model adds over it is membership."""
-    import numpy as np
     import torch
 
     from dpldm.audit import balanced_subset, denoising_losses, membership_auc
