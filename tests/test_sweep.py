@@ -353,3 +353,27 @@ def test_with_audit_turns_the_opt_in_audit_on_in_each_experiment_and_only_then(t
         assert "finetune.epsilon=1" in run
         assert ("audit.enabled=true" in run) == audit and ("audit" in run) == audit  # the flag and the stage as a target
     assert "enabled: false" in (tmp_path / "params.yaml").read_text()  # the workspace's params stay as they were
+
+
+def test_ae_step_times_each_batch_and_the_native_convolutions_and_profiles_the_stage_step(tmp_path, monkeypatch):
+    """benchmarks/ae_step.py: one time per variant and round (alternated), per-example ratios against params.yaml's
+    batch, oneDNN switched off only for its own variant, and a profiler table."""
+    import torch
+
+    ae_step = _benchmark("ae_step")
+    seen, make = [], ae_step.make_step
+    monkeypatch.setattr(ae_step, "make_step", lambda cfg, **kw: seen.append((kw["batch"], torch.backends.mkldnn.enabled))
+                        or make(cfg, **kw))
+    out = tmp_path / "ae.md"
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    ae_step.main(["--batches", "2", "4", "--rounds", "2", "--steps", "1", "--profile-steps", "1",
+                  "--set", f"ae.batch_size=4,runtime.threads={torch.get_num_threads()}", "--out", str(out)])
+    # two rounds of (batch 2, batch 4, batch 4 without oneDNN), then the profiled step at the stage's batch
+    assert seen == [(2, True), (4, True), (4, False)] * 2 + [(4, True)]
+    text = out.read_text()
+    assert text.splitlines()[0].startswith("`python benchmarks/ae_step.py --batches 2 4") and "UTC" in text
+    rows = {r.split("|")[1].strip(): r.split("|") for r in text.splitlines() if r.startswith("| batch")}
+    assert set(rows) == {"batch 2", "batch 4", "batch 4, PyTorch's own convolutions (oneDNN off)"}
+    assert rows["batch 4"][4].strip() == "1.00x"  # the stage's batch against itself
+    assert all(len(r[2].split(",")) == 2 for r in rows.values())  # one time per round
+    assert "| `aten::" in text  # the profiler's operators

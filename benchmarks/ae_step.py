@@ -1,0 +1,113 @@
+"""Where the autoencoder's training step goes on this CPU: seconds per example of `pretrain_ae`'s step (params.yaml's
+AE, random inputs) at several batch sizes, and with PyTorch's own convolutions instead of oneDNN's, alternated over
+rounds in one process so that the machine's drift hits every variant alike. Then a `torch.profiler` table of the
+step as the stage runs it.
+
+    python benchmarks/ae_step.py [--batches 32 64 128 256] [--rounds 2] [--steps 4] [--set ae.batch_size=128]
+        [--out benchmarks/results/ae_step.md]"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from dpldm.config import load_all, with_overrides
+from dpldm.models import build_autoencoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
+
+
+def make_step(cfg, *, channels: int, image_size: int, batch: int):
+    """One `pretrain_ae` step (encode, sample, decode, L1 + KL, AdamW) on a fixed random batch."""
+    torch.manual_seed(0)
+    ae = build_autoencoder(cfg, channels=channels, image_size=image_size)
+    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr)
+    x = torch.randn(batch, channels, image_size, image_size)
+
+    def step():
+        post = ae.encode(x).latent_dist
+        loss = F.l1_loss(ae.decode(post.sample()).sample, x) + cfg.kl_weight * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step
+
+
+def time_step(step, *, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--profile-steps", type=int, default=4, help="steps under torch.profiler (0: no profile)")
+    ap.add_argument("--set", default="", help="params overrides, key=value,key=value (as pipeline.sweep --set)")
+    ap.add_argument("--out", default="benchmarks/results/ae_step.md")
+    args = ap.parse_args(argv)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    from pipeline.sweep import parse_assignments
+
+    overrides = parse_assignments(args.set) if args.set else {}
+    c = load_all(with_overrides(yaml.safe_load(Path("params.yaml").read_text()), overrides))
+    torch.set_num_threads(c["runtime"].threads or torch.get_num_threads())
+    pub, ae_cfg = c["data"].public, c["ae"]
+    shape = dict(channels=pub.channels, image_size=pub.image_size)
+
+    variants = [(f"batch {b}", b, True) for b in args.batches]
+    variants.append((f"batch {ae_cfg.batch_size}, PyTorch's own convolutions (oneDNN off)", ae_cfg.batch_size, False))
+    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    for r in range(args.rounds):
+        for name, batch, onednn in variants:
+            with torch.backends.mkldnn.flags(enabled=onednn):
+                t = time_step(make_step(ae_cfg, batch=batch, **shape), steps=args.steps)
+            times[name].append(t)
+            print(f"round {r + 1}: {name}: {t:.3f} s/step", flush=True)
+
+    base = statistics.median(times[f"batch {ae_cfg.batch_size}"]) / ae_cfg.batch_size \
+        if f"batch {ae_cfg.batch_size}" in times else None
+    lines = [provenance("ae_step.py", argv, started), "",
+             f"{torch.get_num_threads()} threads, {args.steps} timed steps per variant and round, {args.rounds} rounds "
+             f"alternated; params.yaml's AE"
+             f"{f' with {overrides}' if overrides else ''} ({list(ae_cfg.block_out_channels)}, {shape['image_size']}x{shape['image_size']}"
+             f"x{shape['channels']}), random inputs.", "",
+             "| variant | s / step (per round) | ms / example (median) | vs params.yaml's batch |", "|---|---|---:|---:|"]
+    for name, batch, _ in variants:
+        per_ex = statistics.median(times[name]) / batch
+        ratio = f"{base / per_ex:.2f}x" if base else "-"
+        lines.append(f"| {name} | {', '.join(f'{t:.3f}' for t in times[name])} | {per_ex * 1000:.2f} | {ratio} |")
+
+    if args.profile_steps:
+        from torch.profiler import ProfilerActivity, profile
+        step = make_step(ae_cfg, batch=ae_cfg.batch_size, **shape)
+        time_step(step, steps=1)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.profile_steps):
+                step()
+        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+        top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+        lines += ["", f"`torch.profiler`, {args.profile_steps} steps at batch {ae_cfg.batch_size} (oneDNN on, as the stage "
+                  "runs): the operators with the most self CPU time.", "",
+                  "| operator | self CPU % | calls |", "|---|---:|---:|"]
+        lines += [f"| `{e.key}` | {100 * e.self_cpu_time_total / total:.1f} | {e.count} |" for e in top]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
