@@ -11,43 +11,16 @@ import argparse
 import datetime
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from dpldm.config import load_all, with_overrides
-from dpldm.models import build_autoencoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pretrain_step import ae_step_fn, timed  # noqa: E402
 from provenance import provenance  # noqa: E402
-
-
-def make_step(cfg, *, channels: int, image_size: int, batch: int):
-    """One `pretrain_ae` step (encode, sample, decode, L1 + KL, AdamW) on a fixed random batch."""
-    torch.manual_seed(0)
-    ae = build_autoencoder(cfg, channels=channels, image_size=image_size)
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr)
-    x = torch.randn(batch, channels, image_size, image_size)
-
-    def step():
-        post = ae.encode(x).latent_dist
-        loss = F.l1_loss(ae.decode(post.sample()).sample, x) + cfg.kl_weight * post.kl().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return step
-
-
-def time_step(step, *, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t0) / steps
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(args.rounds):
         for name, batch, onednn in variants:
             with torch.backends.mkldnn.flags(enabled=onednn):
-                t = time_step(make_step(ae_cfg, batch=batch, **shape), steps=args.steps)
+                t = timed(ae_step_fn(ae_cfg, batch, **shape), args.steps)
             times[name].append(t)
             print(f"round {r + 1}: {name}: {t:.3f} s/step", flush=True)
 
@@ -93,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.profile_steps:
         from torch.profiler import ProfilerActivity, profile
-        step = make_step(ae_cfg, batch=ae_cfg.batch_size, **shape)
-        time_step(step, steps=1)
+        step = ae_step_fn(ae_cfg, ae_cfg.batch_size, **shape)
+        step()  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.profile_steps):
                 step()

@@ -34,6 +34,22 @@ DAY_FIGURE_HEADS = 8    # its attention heads (ldm.attention_head_dim), fixed fo
 DAY_FIGURE_FF_MULT = 4  # its feed-forward width (ldm.ff_mult), fixed for the same reason
 
 
+def ae_step_fn(cfg, batch: int, *, channels: int, image_size: int, memory_format=torch.contiguous_format):
+    """One pretrain_ae training step (encode, sample, decode, L1 + KL, AdamW) of the AE ``cfg`` on a fixed random batch,
+    as a closure."""
+    ae = build_autoencoder(cfg, channels=channels, image_size=image_size).to(memory_format=memory_format)
+    opt = torch.optim.AdamW(ae.parameters(), lr=1e-3)
+    x = torch.randn(batch, channels, image_size, image_size).contiguous(memory_format=memory_format)
+
+    def ae_step():
+        post = ae.encode(x).latent_dist
+        loss = F.l1_loss(ae.decode(post.sample()).sample, x) + cfg.kl_weight * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return ae_step
+
+
 def ldm_step_fn(net, batch: int, *, latent: tuple[int, ...], scheduler, num_classes: int = 10):
     """One pretrain_ldm training step (eps loss, backward, AdamW) on a fixed random batch, as a closure."""
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
@@ -70,18 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     c = load_all(with_overrides(yaml.safe_load(Path("params.yaml").read_text()), overrides))
     torch.set_num_threads(c["runtime"].threads or torch.get_num_threads())
     pub = c["data"].public
-    def make_ae_step(memory_format):
-        ae = build_autoencoder(c["ae"], channels=pub.channels, image_size=pub.image_size).to(memory_format=memory_format)
-        opt = torch.optim.AdamW(ae.parameters(), lr=1e-3)
-        x = torch.randn(c["ae"].batch_size, pub.channels, pub.image_size, pub.image_size).contiguous(memory_format=memory_format)
-
-        def ae_step():
-            post = ae.encode(x).latent_dist
-            loss = F.l1_loss(ae.decode(post.sample()).sample, x) + c["ae"].kl_weight * post.kl().mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return ae_step
+    make_ae_step = lambda memory_format: ae_step_fn(c["ae"], c["ae"].batch_size, channels=pub.channels,
+                                                    image_size=pub.image_size, memory_format=memory_format)
 
     lat = latent_shape(c["ae"], image_size=pub.image_size)
     ldm = build_ldm(c["ldm"], latent_channels=lat[0], latent_size=lat[1])

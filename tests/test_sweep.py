@@ -361,9 +361,9 @@ def test_ae_step_times_each_batch_and_the_native_convolutions_and_profiles_the_s
     import torch
 
     ae_step = _benchmark("ae_step")
-    seen, make = [], ae_step.make_step
-    monkeypatch.setattr(ae_step, "make_step", lambda cfg, **kw: seen.append((kw["batch"], torch.backends.mkldnn.enabled))
-                        or make(cfg, **kw))
+    seen, make = [], ae_step.ae_step_fn
+    monkeypatch.setattr(ae_step, "ae_step_fn", lambda cfg, batch, **kw: seen.append((batch, torch.backends.mkldnn.enabled))
+                        or make(cfg, batch, **kw))
     out = tmp_path / "ae.md"
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     ae_step.main(["--batches", "2", "4", "--rounds", "2", "--steps", "1", "--profile-steps", "1",
