@@ -281,6 +281,7 @@ class FinetuneConfig:
     physical_batch_size: int  # rows per forward pass before the K copies
     clip_norm: float
     lr: float
+    cosine_decay: bool  # lr decays along a cosine to 0 over the run's logical steps (no warm-up); false: constant
     noise_multiplicity: int  # K (DPDM)
     stratified_t: bool  # each example's K timesteps one per stratum of [0, T) (dpldm.diffusion.draw_timesteps)
     ema_decay: float

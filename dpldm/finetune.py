@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.utils.data import DataLoader, TensorDataset
 
 from .config import FinetuneConfig, LDMConfig, to_dict
@@ -85,6 +86,9 @@ class Finetuning:
             self.steps_per_epoch = steps_per_epoch_of(len(dataset), cfg.batch_size)
             self.epochs = cfg.epochs if cfg.mode != "none" else 0
         self.epoch, self.steps = 0, 0
+        # the lr schedule depends on the step index only (the plan's logical steps), never on the data
+        self.lr_sched = (get_cosine_schedule_with_warmup(self.optimizer, num_warmup_steps=0, num_training_steps=self.total_steps)
+                         if cfg.cosine_decay and self.optimizer is not None and self.total_steps else None)
 
     @property
     def total_steps(self) -> int:
@@ -100,6 +104,8 @@ class Finetuning:
 
         def step():
             self.ema.step(self.selection.params)
+            if self.lr_sched is not None:
+                self.lr_sched.step()
             self.steps += 1
             on_step()
 
@@ -130,6 +136,7 @@ class Finetuning:
         seeded = self.cfg.reproducible_noise
         return {"epoch": self.epoch, "steps": self.steps, "model": self.model.state_dict(),
                 "opt": self.optimizer.state_dict() if self.optimizer is not None else None, "ema": self.ema.state_dict(),
+                "lr_sched": self.lr_sched.state_dict() if self.lr_sched is not None else None,
                 "accountant": self.accountant.state_dict() if self.accountant is not None else None,
                 "g_loss": self.g_loss.get_state(), "g_data": self.g_data.get_state() if seeded else None,
                 "g_dp": self.g_dp.get_state() if seeded else None, "torch_rng": torch.get_rng_state()}
@@ -139,6 +146,8 @@ class Finetuning:
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["opt"])
         self.ema.load_state_dict(state["ema"])
+        if self.lr_sched is not None:
+            self.lr_sched.load_state_dict(state["lr_sched"])
         if self.accountant is not None:
             self.accountant.load_state_dict(state["accountant"])
         self.g_loss.set_state(state["g_loss"])

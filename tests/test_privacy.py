@@ -274,3 +274,37 @@ def test_secret_generators_differ_and_are_not_the_global_rng():
     torch.manual_seed(0)
     b = torch.randn(8, generator=secret_generator())
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_dp_learning_rate_follows_its_schedule_over_the_plans_logical_steps(cosine):
+    """finetune.cosine_decay: the lr of every logical step is lr * (1 + cos(pi s / S)) / 2 over the plan's S steps
+    (it depends on the step index only, never on the data); off, it stays constant."""
+    import math
+
+    from dpldm.finetune import Finetuning, plan_finetune
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    n = 40
+    c = cfg("finetune", layers=(1, 7), epochs=2, batch_size=10, physical_batch_size=10, delta=1e-3, lr=1e-3,
+            cosine_decay=cosine, reproducible_noise=True)
+    sel, plan = plan_finetune(model, c, n=n)
+    g = torch.Generator().manual_seed(0)
+    ft = Finetuning(model, sel, plan, c, CFG, z=torch.randn(n, 4, 4, 4, generator=g), y=torch.randint(0, 10, (n,), generator=g),
+                    seed=0)
+    used = []
+    ema_step = ft.ema.step
+
+    def recording_ema_step(*a, **kw):  # runs once per logical step, right after it: the lr that step was taken with
+        used.append(ft.optimizer.param_groups[0]["lr"])
+        return ema_step(*a, **kw)
+
+    ft.ema.step = recording_ema_step
+    while ft.epoch < ft.epochs:
+        ft.run_epoch()
+    total = plan.steps
+    assert ft.steps == total == len(used) == ft.total_steps
+    want = [1e-3 * (0.5 * (1 + math.cos(math.pi * s / total))) if cosine else 1e-3 for s in range(total)]
+    assert used == pytest.approx(want, rel=1e-9)
+    assert ("lr_sched" in ft.state_dict()) and ((ft.state_dict()["lr_sched"] is not None) == cosine)

@@ -79,10 +79,12 @@ def _interrupted_then_resumed(params, inputs, outs, monkeypatch, **over):
     return _finetune(params, inputs, outs, **over)
 
 
-def test_dp_finetune_resume_equals_uninterrupted_with_seeded_noise(upstream, finetune_io, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cosine", [False, True])  # a resumed run continues the lr schedule where it stopped
+def test_dp_finetune_resume_equals_uninterrupted_with_seeded_noise(upstream, finetune_io, tmp_path, monkeypatch, cosine):
     params = params_of(upstream)
-    la, ma = _finetune(params, finetune_io, _outs(tmp_path, "a"), reproducible_noise=True)
-    lb, mb = _interrupted_then_resumed(params, finetune_io, _outs(tmp_path, "b"), monkeypatch, reproducible_noise=True)
+    la, ma = _finetune(params, finetune_io, _outs(tmp_path, "a"), reproducible_noise=True, cosine_decay=cosine)
+    lb, mb = _interrupted_then_resumed(params, finetune_io, _outs(tmp_path, "b"), monkeypatch, reproducible_noise=True,
+                                       cosine_decay=cosine)
     assert lb["steps"] == la["steps"] and lb["epsilon_spent"] == pytest.approx(la["epsilon_spent"], rel=1e-9)
     assert lb["resumed_at_epoch"] == [1] and lb["attempt"] == 1
     for k in ma:
