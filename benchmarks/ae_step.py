@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> None:
             times[name].append(t)
             print(f"round {r + 1}: {name}: {t:.3f} s/step", flush=True)
 
-    base = statistics.median(times[f"batch {ae_cfg.batch_size}"]) / ae_cfg.batch_size \
-        if f"batch {ae_cfg.batch_size}" in times else None
+    stage = f"batch {ae_cfg.batch_size}"  # the stage's own batch, if --batches has it: the ratios' reference
+    base = statistics.median(times[stage]) / ae_cfg.batch_size if stage in times else None
     lines = [provenance("ae_step.py", argv, started), "",
              f"{torch.get_num_threads()} threads, {args.steps} timed steps per variant and round, {args.rounds} rounds "
              f"alternated; params.yaml's AE"

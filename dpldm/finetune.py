@@ -88,7 +88,7 @@ class Finetuning:
         self.epoch, self.steps = 0, 0
         # the lr schedule depends on the step index only (the plan's logical steps), never on the data
         self.lr_sched = (get_cosine_schedule_with_warmup(self.optimizer, num_warmup_steps=0, num_training_steps=self.total_steps)
-                         if cfg.cosine_decay and self.optimizer is not None and self.total_steps else None)
+                         if cfg.cosine_decay and self.optimizer is not None else None)
 
     @property
     def total_steps(self) -> int:
