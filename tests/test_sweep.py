@@ -377,3 +377,44 @@ def test_ae_step_times_each_batch_and_the_native_convolutions_and_profiles_the_s
     assert rows["batch 4"][4].strip() == "1.00x"  # the stage's batch against itself
     assert all(len(r[2].split(",")) == 2 for r in rows.values())  # one time per round
     assert "| `aten::" in text  # the profiler's operators
+
+
+def test_sample_step_alternates_its_variants_and_its_alternatives_really_change_the_network(tmp_path, monkeypatch):
+    """benchmarks/sample_step.py: one time per variant and round, ratios against sample.batch_size, the sampler /
+    decoder split and a profiler table; its tanh-GELU variant changes the network's output (the patch takes hold) and
+    its explicit-softmax self-attention leaves it equal up to float rounding (same function, another kernel)."""
+    import torch
+
+    sample_step = _benchmark("sample_step")
+    from dpldm.config import LDMConfig, load_all
+    from dpldm.models import build_ldm
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    import yaml
+    cfg: LDMConfig = load_all(yaml.safe_load(Path("params.yaml").read_text()))["ldm"]
+    nets = [build_ldm(cfg, latent_channels=4, latent_size=8).eval() for _ in range(3)]
+    for net in nets[1:]:
+        net.load_state_dict(nets[0].state_dict())
+    sample_step.tanh_gelu(nets[1])
+    sample_step.explicit_self_attention(nets[2])
+    z, t, y = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 900]), torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        ref, tanh, explicit = (net(z, t, y) for net in nets)
+    assert not torch.equal(ref, tanh) and torch.allclose(ref, tanh, atol=1e-2)
+    assert torch.allclose(ref, explicit, atol=1e-5)
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+    self_attn = [m for m in nets[2].modules() if isinstance(m, Attention) and not m.is_cross_attention]
+    assert len(self_attn) == 7 and all(type(m.processor) is AttnProcessor for m in self_attn)
+
+    seen, make = [], sample_step.forward_fn
+    monkeypatch.setattr(sample_step, "forward_fn", lambda net, batch, **kw: seen.append(batch) or make(net, batch, **kw))
+    out = tmp_path / "sample.md"
+    sample_step.main(["--batches", "2", "4", "--rounds", "2", "--forwards", "1", "--profile-forwards", "1",
+                      "--set", f"sample.batch_size=4,sample.steps=2,runtime.threads={torch.get_num_threads()}", "--out", str(out)])
+    assert seen == [2, 4, 4, 4] * 2 + [4]  # two rounds of (batch 2, batch 4, its two alternatives), then the profiled forward
+    text = out.read_text()
+    assert text.splitlines()[0].startswith("`python benchmarks/sample_step.py --batches 2 4") and "UTC" in text
+    rows = {r.split("|")[1].strip(): r.split("|") for r in text.splitlines() if r.startswith("| batch")}
+    assert len(rows) == 4 and rows["batch 4"][4].strip() == "1.00x"
+    assert all(len(r[2].split(",")) == 2 for r in rows.values())  # one time per round
+    assert "sampler **" in text and "AE decoder **" in text and "| `aten::" in text

@@ -1,0 +1,148 @@
+"""Where the `sample` stage's time goes on this CPU: the no-grad UNet forward per sample at several batch sizes, and at
+sample.batch_size with two inexact alternatives (the GEGLU's GELU in its tanh form; explicit-softmax self-attention,
+diffusers' classic `AttnProcessor`, instead of SDPA), alternated over rounds in one process so that the machine's
+drift hits every variant alike; then one batch of the stage split into the sampler's steps and the AE's decoder, and
+a `torch.profiler` table of the forward. params.yaml's LDM and AE, freshly initialised (timing does not depend on
+the weights), random latents.
+
+    python benchmarks/sample_step.py [--batches 100 250 500 1000] [--rounds 2] [--forwards 4] [--set sample.batch_size=250]
+        [--out benchmarks/results/sample_step.md]"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from diffusers.models.activations import GEGLU
+from diffusers.models.attention_processor import Attention, AttnProcessor
+
+from dpldm.config import load_all, with_overrides
+from dpldm.diffusion import make_scheduler, sample_latents
+from dpldm.models import build_autoencoder, build_ldm, latent_shape
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
+
+
+def tanh_gelu(ldm) -> None:
+    """Every GEGLU gate through GELU's tanh approximation (diffusers' GEGLU uses the exact, erf, form)."""
+    for m in ldm.modules():
+        if isinstance(m, GEGLU):
+            m.gelu = lambda gate: F.gelu(gate, approximate="tanh")
+
+
+def explicit_self_attention(ldm) -> None:
+    """Every self-attention through diffusers' classic processor (baddbmm, softmax, bmm) instead of SDPA."""
+    for m in ldm.modules():
+        if isinstance(m, Attention) and not m.is_cross_attention:
+            m.set_processor(AttnProcessor())
+
+
+def forward_fn(ldm, batch: int, *, latent: tuple[int, ...], num_classes: int):
+    """One no-grad forward of ``ldm`` on a fixed random batch, as a closure."""
+    z, y = torch.randn(batch, *latent), torch.arange(batch) % num_classes
+    t = torch.full((batch,), 500, dtype=torch.long)
+
+    @torch.no_grad()
+    def forward():
+        ldm(z, t, y)
+    return forward
+
+
+def timed(step, n: int) -> float:
+    step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t0) / n
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, nargs="+", default=[100, 250, 500, 1000])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--forwards", type=int, default=4, help="timed forwards per variant and round")
+    ap.add_argument("--profile-forwards", type=int, default=3, help="forwards under torch.profiler (0: no profile)")
+    ap.add_argument("--set", default="", help="params overrides, key=value,key=value (as pipeline.sweep --set)")
+    ap.add_argument("--out", default="benchmarks/results/sample_step.md")
+    args = ap.parse_args(argv)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    from pipeline.sweep import parse_assignments
+
+    overrides = parse_assignments(args.set) if args.set else {}
+    c = load_all(with_overrides(yaml.safe_load(Path("params.yaml").read_text()), overrides))
+    torch.set_num_threads(c["runtime"].threads or torch.get_num_threads())
+    pub, ldm_cfg, s = c["data"].public, c["ldm"], c["sample"]
+    lat = latent_shape(c["ae"], image_size=pub.image_size)
+    build = lambda: build_ldm(ldm_cfg, latent_channels=lat[0], latent_size=lat[1]).eval()
+    ldm, tanh_ldm, explicit_ldm = build(), build(), build()
+    for other in (tanh_ldm, explicit_ldm):
+        other.load_state_dict(ldm.state_dict())
+    tanh_gelu(tanh_ldm)
+    explicit_self_attention(explicit_ldm)
+
+    stage = f"batch {s.batch_size}"
+    variants = [(f"batch {b}", b, ldm) for b in args.batches]
+    variants += [(f"{stage}, GELU's tanh form in the GEGLU", s.batch_size, tanh_ldm),
+                 (f"{stage}, explicit-softmax self-attention (`AttnProcessor`)", s.batch_size, explicit_ldm)]
+    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    for r in range(args.rounds):
+        for name, batch, net in variants:
+            t = timed(forward_fn(net, batch, latent=lat, num_classes=ldm_cfg.num_classes), args.forwards)
+            times[name].append(t)
+            print(f"round {r + 1}: {name}: {t:.3f} s/forward", flush=True)
+
+    base = statistics.median(times[stage]) / s.batch_size if stage in times else None
+    lines = [provenance("sample_step.py", argv, started), "",
+             f"{torch.get_num_threads()} threads, {args.forwards} timed no-grad forwards per variant and round, "
+             f"{args.rounds} rounds alternated; params.yaml's LDM{f' with {overrides}' if overrides else ''} "
+             f"({list(ldm_cfg.block_out_channels)}, {ldm_cfg.attention_head_dim} heads, latents {lat}), freshly "
+             "initialised, random latents.", "",
+             "| variant | s / forward (per round) | ms / sample (median) | vs sample.batch_size |", "|---|---|---:|---:|"]
+    for name, batch, _ in variants:
+        per = statistics.median(times[name]) / batch
+        ratio = f"{base / per:.2f}x" if base else "-"
+        lines.append(f"| {name} | {', '.join(f'{t:.3f}' for t in times[name])} | {per * 1000:.2f} | {ratio} |")
+
+    # one batch as the stage runs it: the sampler's steps, then the AE's decoder
+    ae = build_autoencoder(c["ae"], channels=pub.channels, image_size=pub.image_size).eval()
+    y = torch.arange(s.batch_size) % ldm_cfg.num_classes
+    t0 = time.perf_counter()
+    z = sample_latents(ldm, y, shape=lat, scheduler=make_scheduler(ldm_cfg), steps=s.steps, eta=s.eta,
+                       guidance_scale=s.guidance_scale, null_class=ldm_cfg.num_classes, generator=torch.Generator().manual_seed(0),
+                       precision=s.precision, solver=s.solver)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        ae.decode(z)
+    t2 = time.perf_counter()
+    share = (t1 - t0) / (t2 - t0)
+    lines += ["", f"One batch of {s.batch_size} as the stage runs it ({s.solver}, {s.steps} steps, eta {s.eta}, guidance "
+              f"{s.guidance_scale}, {s.precision}): sampler **{t1 - t0:.2f} s** ({100 * share:.0f}%), AE decoder "
+              f"**{t2 - t1:.2f} s** ({100 * (1 - share):.0f}%)."]
+
+    if args.profile_forwards:
+        from torch.profiler import ProfilerActivity, profile
+        forward = forward_fn(ldm, s.batch_size, latent=lat, num_classes=ldm_cfg.num_classes)
+        forward()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.profile_forwards):
+                forward()
+        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+        top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+        lines += ["", f"`torch.profiler`, {args.profile_forwards} forwards at batch {s.batch_size} (as the stage runs): "
+                  "the operators with the most self CPU time.", "",
+                  "| operator | self CPU % | calls |", "|---|---:|---:|"]
+        lines += [f"| `{e.key}` | {100 * e.self_cpu_time_total / total:.1f} | {e.count} |" for e in top]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
