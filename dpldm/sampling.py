@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import ConfigError
 from .data import tensor_to_images
 from .diffusion import sample_latents
 
@@ -13,6 +14,10 @@ def generate(model, ae, labels: torch.Tensor, *, ldm_cfg, latent_shape, latent_s
              eta: float, guidance_scale: float, batch_size: int, generator: torch.Generator, device="cpu",
              show_progress: bool = True, precision: str = "fp32", solver: str = "ddim") -> np.ndarray:
     """Sampled latents for ``labels`` in batches, decoded by the AE: uint8 images (N, H, W, C)."""
+    if guidance_scale > 0 and ldm_cfg.label_dropout == 0:
+        raise ConfigError(f"params: sample.guidance_scale = {guidance_scale!r} needs the null class, but this LDM was pretrained "
+                          "with ldm.label_dropout = 0, which never trains it. Set sample.guidance_scale: 0, or pretrain "
+                          "with ldm.label_dropout > 0 (e.g. 0.1) and re-run pretrain_ldm onwards")
     images = []
     for i in tqdm(range(0, len(labels), batch_size), desc="sample", disable=not show_progress, mininterval=2.0):
         yb = labels[i:i + batch_size]

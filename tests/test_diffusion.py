@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from helpers import cfg
@@ -39,7 +40,6 @@ def test_every_solver_with_a_perfect_denoiser_returns_the_point_mass():
 def test_solvers_take_the_steps_asked_and_the_stochastic_ones_draw_noise():
     """Each solver calls the network once per step; DDIM at eta 1 and the SDE solver depend on the generator's draws
     after the initial noise, DDIM at eta 0 and DPM-Solver++ (ODE) do not; an unknown solver is refused by name."""
-    import pytest
 
     s = make_scheduler(cfg("ldm"))
     net = torch.nn.Conv2d(2, 2, 1)
@@ -80,6 +80,28 @@ def test_guidance_combines_conditional_and_null():
 
     sample_latents(model, torch.tensor([1, 2]), shape=(1, 1, 1), scheduler=s, steps=2, eta=0.0, guidance_scale=2.0, null_class=10)
     assert calls[0].tolist() == [1, 2, 10, 10]
+
+
+def test_guidance_needs_a_model_pretrained_with_the_null_class():
+    """generate refuses guidance for an LDM pretrained with ldm.label_dropout 0 (its null class never trained),
+    naming both keys; with label dropout, or without guidance, it samples."""
+    import dataclasses
+
+    from dpldm.config import ConfigError
+    from dpldm.sampling import generate
+
+    ldm_cfg = cfg("ldm")
+    s = make_scheduler(ldm_cfg)
+    model = lambda z, t, y: torch.zeros_like(z)
+    ae = type("AE", (), {"decode": lambda self, z: type("Out", (), {"sample": torch.zeros(len(z), 1, 4, 4)})()})()
+    run = lambda c, w: generate(model, ae, torch.tensor([0, 1]), ldm_cfg=c, latent_shape=(1, 2, 2), latent_scale=1.0,
+                                scheduler=s, steps=2, eta=0.0, guidance_scale=w, batch_size=2, show_progress=False,
+                                generator=torch.Generator().manual_seed(0))
+    no_null = dataclasses.replace(ldm_cfg, label_dropout=0.0)
+    with pytest.raises(ConfigError, match=r"sample.guidance_scale = 1.0 .*ldm.label_dropout = 0"):
+        run(no_null, 1.0)
+    assert run(no_null, 0.0).shape == (2, 4, 4, 1)
+    assert run(dataclasses.replace(ldm_cfg, label_dropout=0.1), 1.0).shape == (2, 4, 4, 1)
 
 
 def test_eps_loss_k_average_equals_mean_of_rows():
@@ -145,7 +167,6 @@ def test_ema_is_the_running_mean_then_reaches_the_configured_decay():
 def test_bf16_sampling_runs_the_network_in_bf16_and_stays_close_to_fp32():
     """sample.precision bf16: the network sees bf16 autocast, the returned latents are fp32 and close to the fp32 path's
     (same noise draws); fp32 never autocasts; an unknown precision is refused by name."""
-    import pytest
 
     s = make_scheduler(cfg("ldm"))
     torch.manual_seed(0)
