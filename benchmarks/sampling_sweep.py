@@ -66,6 +66,23 @@ def parse_setting(text: str) -> dict:
     return out
 
 
+def usable_settings(settings: list[str], ldm_cfg) -> list[str]:
+    """``settings`` that the model can sample: guidance (w > 0) needs the null class, which only pretraining with
+    ``ldm.label_dropout`` > 0 trains. Asked for explicitly, such a setting stops the sweep before any work; from the
+    default list it is left out, with a note."""
+    if ldm_cfg.label_dropout > 0:
+        return list(settings)
+    guided = [t for t in settings if parse_setting(t)["w"] > 0]
+    if guided and settings is not DEFAULT_SETTINGS:
+        raise SystemExit(f"sampling_sweep: setting(s) {', '.join(guided)} use guidance (w > 0), but this LDM was pretrained with "
+                         "ldm.label_dropout = 0, so its null class is untrained. Drop them, or pretrain with "
+                         "ldm.label_dropout > 0 (e.g. 0.1).")
+    if guided:
+        print(f"sampling_sweep: leaving out the guided default settings ({', '.join(guided)}): this LDM was pretrained "
+              "with ldm.label_dropout = 0", flush=True)
+    return [t for t in settings if t not in guided]
+
+
 def sample_setting(model, ae, labels: torch.Tensor, s: dict, *, ldm_cfg, conf: dict, ae_conf: dict, scheduler, args,
                    seed: int | None = None):
     """(uint8 images, seconds) for one setting, from ``seed`` (default ``args.seed``: every setting the same)."""
@@ -120,6 +137,7 @@ def main() -> None:
 
     model, ldm_cfg, conf = load_ldm(args.ldm)
     model.eval()
+    args.settings = usable_settings(args.settings, ldm_cfg)
     ae, ae_conf = load_autoencoder(args.ae)
     scheduler = make_scheduler(ldm_cfg)
     state, ext_conf = load_model_files(args.extractor)
@@ -240,6 +258,7 @@ def public_sweep(args) -> None:
     ldm_path = "models/ldm_public" if args.ldm == "models/ldm_private" else args.ldm
     model, ldm_cfg, conf = load_ldm(ldm_path)
     model.eval()
+    args.settings = usable_settings(args.settings, ldm_cfg)
     ae, ae_conf = load_autoencoder(args.ae)
     scheduler = make_scheduler(ldm_cfg)
     judge = PublicJudge(args.public_data, clf=clf, fcfg=fcfg, num_classes=ldm_cfg.num_classes, seed=args.seed)
