@@ -19,7 +19,7 @@ import yaml
 from dpldm.config import load_all, with_overrides
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_step import ae_step_fn, timed  # noqa: E402
+from pretrain_step import ae_step_fn, profile_rows, timed  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 
@@ -65,18 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {name} | {', '.join(f'{t:.3f}' for t in times[name])} | {per_ex * 1000:.2f} | {ratio} |")
 
     if args.profile_steps:
-        from torch.profiler import ProfilerActivity, profile
-        step = ae_step_fn(ae_cfg, ae_cfg.batch_size, **shape)
-        step()  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(args.profile_steps):
-                step()
-        total = sum(e.self_cpu_time_total for e in prof.key_averages())
-        top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
         lines += ["", f"`torch.profiler`, {args.profile_steps} steps at batch {ae_cfg.batch_size} (oneDNN on, as the stage "
-                  "runs): the operators with the most self CPU time.", "",
-                  "| operator | self CPU % | calls |", "|---|---:|---:|"]
-        lines += [f"| `{e.key}` | {100 * e.self_cpu_time_total / total:.1f} | {e.count} |" for e in top]
+                  "runs): the operators with the most self CPU time.", ""]
+        lines += profile_rows(ae_step_fn(ae_cfg, ae_cfg.batch_size, **shape), args.profile_steps)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -71,6 +71,21 @@ def timed(step, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def profile_rows(step, n: int, *, top: int = 8) -> list[str]:
+    """A markdown table of the ``top`` operators with the most self CPU time over ``n`` calls of ``step`` under
+    ``torch.profiler`` (after one warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return ["| operator | self CPU % | calls |", "|---|---:|---:|"] + [
+        f"| `{e.key}` | {100 * e.self_cpu_time_total / total:.1f} | {e.count} |" for e in ops]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)

@@ -27,6 +27,7 @@ from dpldm.diffusion import make_scheduler, sample_latents
 from dpldm.models import build_autoencoder, build_ldm, latent_shape
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pretrain_step import profile_rows, timed  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 
@@ -53,14 +54,6 @@ def forward_fn(ldm, batch: int, *, latent: tuple[int, ...], num_classes: int):
     def forward():
         ldm(z, t, y)
     return forward
-
-
-def timed(step, n: int) -> float:
-    step()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - t0) / n
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,18 +120,9 @@ def main(argv: list[str] | None = None) -> None:
               f"**{t2 - t1:.2f} s** ({100 * (1 - share):.0f}%)."]
 
     if args.profile_forwards:
-        from torch.profiler import ProfilerActivity, profile
-        forward = forward_fn(ldm, s.batch_size, latent=lat, num_classes=ldm_cfg.num_classes)
-        forward()  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(args.profile_forwards):
-                forward()
-        total = sum(e.self_cpu_time_total for e in prof.key_averages())
-        top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
         lines += ["", f"`torch.profiler`, {args.profile_forwards} forwards at batch {s.batch_size} (as the stage runs): "
-                  "the operators with the most self CPU time.", "",
-                  "| operator | self CPU % | calls |", "|---|---:|---:|"]
-        lines += [f"| `{e.key}` | {100 * e.self_cpu_time_total / total:.1f} | {e.count} |" for e in top]
+                  "the operators with the most self CPU time.", ""]
+        lines += profile_rows(forward_fn(ldm, s.batch_size, latent=lat, num_classes=ldm_cfg.num_classes), args.profile_forwards)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
