@@ -44,7 +44,7 @@ from dpldm.diffusion import PRECISIONS, SOLVERS, make_scheduler  # noqa: E402
 from dpldm.metrics import SmallCNN, fidelity, label_consistency, predict, register_domain_extractor, train_cnn  # noqa: E402
 from stages.classify import split_validation  # noqa: E402
 from stages.common import load_model_files, read_images, read_params  # noqa: E402
-from dpldm.sampling import generate  # noqa: E402
+from dpldm.sampling import generate, null_class_trained  # noqa: E402
 from stages.artifacts import load_autoencoder, load_ldm  # noqa: E402
 from coverage import stratified  # noqa: E402
 
@@ -70,7 +70,7 @@ def usable_settings(settings: list[str], ldm_cfg) -> list[str]:
     """``settings`` that the model can sample: guidance (w > 0) needs the null class, which only pretraining with
     ``ldm.label_dropout`` > 0 trains. Asked for explicitly, such a setting stops the sweep before any work; from the
     default list it is left out, with a note."""
-    if ldm_cfg.label_dropout > 0:
+    if null_class_trained(ldm_cfg):
         return list(settings)
     guided = [t for t in settings if parse_setting(t)["w"] > 0]
     if guided and settings is not DEFAULT_SETTINGS:

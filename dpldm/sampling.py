@@ -10,11 +10,17 @@ from .data import tensor_to_images
 from .diffusion import sample_latents
 
 
+def null_class_trained(ldm_cfg) -> bool:
+    """Whether pretraining trained the null class that guidance needs: only label dropout (``ldm.label_dropout`` > 0)
+    shows it to the model."""
+    return ldm_cfg.label_dropout > 0
+
+
 def generate(model, ae, labels: torch.Tensor, *, ldm_cfg, latent_shape, latent_scale: float, scheduler, steps: int,
              eta: float, guidance_scale: float, batch_size: int, generator: torch.Generator, device="cpu",
              show_progress: bool = True, precision: str = "fp32", solver: str = "ddim") -> np.ndarray:
     """Sampled latents for ``labels`` in batches, decoded by the AE: uint8 images (N, H, W, C)."""
-    if guidance_scale > 0 and ldm_cfg.label_dropout == 0:
+    if guidance_scale > 0 and not null_class_trained(ldm_cfg):
         raise ConfigError(f"params: sample.guidance_scale = {guidance_scale!r} needs the null class, but this LDM was pretrained "
                           "with ldm.label_dropout = 0, which never trains it. Set sample.guidance_scale: 0, or pretrain "
                           "with ldm.label_dropout > 0 (e.g. 0.1) and re-run pretrain_ldm onwards")
