@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import yaml
 from dpldm.config import load_all, with_overrides
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_step import ae_step_fn, profile_rows, timed  # noqa: E402
+from pretrain_step import ae_step_fn, alternated, profile_rows, ratio_rows  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 
@@ -41,28 +40,29 @@ def main(argv: list[str] | None = None) -> None:
     pub, ae_cfg = c["data"].public, c["ae"]
     shape = dict(channels=pub.channels, image_size=pub.image_size)
 
-    variants = [(f"batch {b}", b, True) for b in args.batches]
-    variants.append((f"batch {ae_cfg.batch_size}, PyTorch's own convolutions (oneDNN off)", ae_cfg.batch_size, False))
-    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
-    for r in range(args.rounds):
-        for name, batch, onednn in variants:
+    def variant(batch: int, onednn: bool):
+        def make():
             with torch.backends.mkldnn.flags(enabled=onednn):
-                t = timed(ae_step_fn(ae_cfg, batch, **shape), args.steps)
-            times[name].append(t)
-            print(f"round {r + 1}: {name}: {t:.3f} s/step", flush=True)
+                step = ae_step_fn(ae_cfg, batch, **shape)
 
-    stage = f"batch {ae_cfg.batch_size}"  # the stage's own batch, if --batches has it: the ratios' reference
-    base = statistics.median(times[stage]) / ae_cfg.batch_size if stage in times else None
+            def run():
+                with torch.backends.mkldnn.flags(enabled=onednn):
+                    step()
+            return run
+        return make
+
+    variants = [(f"batch {b}", b, variant(b, True)) for b in args.batches]
+    variants.append((f"batch {ae_cfg.batch_size}, PyTorch's own convolutions (oneDNN off)", ae_cfg.batch_size,
+                     variant(ae_cfg.batch_size, False)))
+    times = alternated(variants, args.rounds, args.steps, "step")
     lines = [provenance("ae_step.py", argv, started), "",
              f"{torch.get_num_threads()} threads, {args.steps} timed steps per variant and round, {args.rounds} rounds "
              f"alternated; params.yaml's AE"
              f"{f' with {overrides}' if overrides else ''} ({list(ae_cfg.block_out_channels)}, {shape['image_size']}x{shape['image_size']}"
              f"x{shape['channels']}), random inputs.", "",
              "| variant | s / step (per round) | ms / example (median) | vs params.yaml's batch |", "|---|---|---:|---:|"]
-    for name, batch, _ in variants:
-        per_ex = statistics.median(times[name]) / batch
-        ratio = f"{base / per_ex:.2f}x" if base else "-"
-        lines.append(f"| {name} | {', '.join(f'{t:.3f}' for t in times[name])} | {per_ex * 1000:.2f} | {ratio} |")
+    # the stage's own batch, if --batches has it, is the ratios' reference
+    lines += ratio_rows(variants, times, f"batch {ae_cfg.batch_size}")
 
     if args.profile_steps:
         lines += ["", f"`torch.profiler`, {args.profile_steps} steps at batch {ae_cfg.batch_size} (oneDNN on, as the stage "

@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import math
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,32 @@ def timed(step, n: int) -> float:
     for _ in range(n):
         step()
     return (time.perf_counter() - t0) / n
+
+
+def alternated(variants, rounds: int, n: int, unit: str) -> dict[str, list[float]]:
+    """Seconds per call of each variant's step, one figure per round (``timed`` over ``n`` calls). Within a round the
+    variants take turns, so that a drift in the machine's speed spreads over all of them. ``variants``: (name, batch,
+    make), ``make()`` building a fresh step."""
+    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    for r in range(rounds):
+        for name, _, make in variants:
+            t = timed(make(), n)
+            times[name].append(t)
+            print(f"round {r + 1}: {name}: {t:.3f} s/{unit}", flush=True)
+    return times
+
+
+def ratio_rows(variants, times: dict[str, list[float]], reference: str) -> list[str]:
+    """One markdown row per variant: its time per round, the median per example in ms, and how many times faster per
+    example it is than the variant named ``reference`` ("-" when no variant has that name)."""
+    batch = {name: b for name, b, _ in variants}
+    base = statistics.median(times[reference]) / batch[reference] if reference in times else None
+    rows = []
+    for name, b, _ in variants:
+        per = statistics.median(times[name]) / b
+        rows.append(f"| {name} | {', '.join(f'{t:.3f}' for t in times[name])} | {per * 1000:.2f} | "
+                    f"{f'{base / per:.2f}x' if base else '-'} |")
+    return rows
 
 
 def profile_rows(step, n: int, *, top: int = 8) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from dpldm.diffusion import make_scheduler, sample_latents
 from dpldm.models import build_autoencoder, build_ldm, latent_shape
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_step import profile_rows, timed  # noqa: E402
+from pretrain_step import alternated, profile_rows, ratio_rows  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 
@@ -81,27 +80,18 @@ def main(argv: list[str] | None = None) -> None:
     explicit_self_attention(explicit_ldm)
 
     stage = f"batch {s.batch_size}"
-    variants = [(f"batch {b}", b, ldm) for b in args.batches]
-    variants += [(f"{stage}, GELU's tanh form in the GEGLU", s.batch_size, tanh_ldm),
-                 (f"{stage}, explicit-softmax self-attention (`AttnProcessor`)", s.batch_size, explicit_ldm)]
-    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
-    for r in range(args.rounds):
-        for name, batch, net in variants:
-            t = timed(forward_fn(net, batch, latent=lat, num_classes=ldm_cfg.num_classes), args.forwards)
-            times[name].append(t)
-            print(f"round {r + 1}: {name}: {t:.3f} s/forward", flush=True)
-
-    base = statistics.median(times[stage]) / s.batch_size if stage in times else None
+    forward = lambda net, batch: lambda: forward_fn(net, batch, latent=lat, num_classes=ldm_cfg.num_classes)
+    variants = [(f"batch {b}", b, forward(ldm, b)) for b in args.batches]
+    variants += [(f"{stage}, GELU's tanh form in the GEGLU", s.batch_size, forward(tanh_ldm, s.batch_size)),
+                 (f"{stage}, explicit-softmax self-attention (`AttnProcessor`)", s.batch_size, forward(explicit_ldm, s.batch_size))]
+    times = alternated(variants, args.rounds, args.forwards, "forward")
     lines = [provenance("sample_step.py", argv, started), "",
              f"{torch.get_num_threads()} threads, {args.forwards} timed no-grad forwards per variant and round, "
              f"{args.rounds} rounds alternated; params.yaml's LDM{f' with {overrides}' if overrides else ''} "
              f"({list(ldm_cfg.block_out_channels)}, {ldm_cfg.attention_head_dim} heads, latents {lat}), freshly "
              "initialised, random latents.", "",
              "| variant | s / forward (per round) | ms / sample (median) | vs sample.batch_size |", "|---|---|---:|---:|"]
-    for name, batch, _ in variants:
-        per = statistics.median(times[name]) / batch
-        ratio = f"{base / per:.2f}x" if base else "-"
-        lines.append(f"| {name} | {', '.join(f'{t:.3f}' for t in times[name])} | {per * 1000:.2f} | {ratio} |")
+    lines += ratio_rows(variants, times, stage)
 
     # one batch as the stage runs it: the sampler's steps, then the AE's decoder
     ae = build_autoencoder(c["ae"], channels=pub.channels, image_size=pub.image_size).eval()

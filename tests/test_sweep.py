@@ -355,6 +355,24 @@ def test_with_audit_turns_the_opt_in_audit_on_in_each_experiment_and_only_then(t
     assert "enabled: false" in (tmp_path / "params.yaml").read_text()  # the workspace's params stay as they were
 
 
+def test_alternated_takes_turns_and_ratio_rows_compare_per_example_medians(monkeypatch):
+    """pretrain_step.alternated builds a fresh step per variant and round, the variants taking turns within a round;
+    ratio_rows reports each variant's median per example against the reference variant's ("-" without one)."""
+    ps = _benchmark("pretrain_step")
+    built = []
+    variants = [(name, batch, (lambda name=name: built.append(name) or (lambda: None))) for name, batch in
+                (("a", 2), ("b", 4))]
+    fake = iter([1.0, 4.0, 3.0, 2.0, 2.0, 6.0])  # a: 1, 3, 2 (median 2); b: 4, 2, 6 (median 4)
+    monkeypatch.setattr(ps, "timed", lambda step, n: (step(), next(fake))[1])
+    times = ps.alternated(variants, 3, 1, "step")
+    assert built == ["a", "b"] * 3 and times == {"a": [1.0, 3.0, 2.0], "b": [4.0, 2.0, 6.0]}
+    rows = [r.split("|")[1:-1] for r in ps.ratio_rows(variants, times, "a")]
+    assert [c.strip() for c in rows[0]] == ["a", "1.000, 3.000, 2.000", "1000.00", "1.00x"]
+    assert [c.strip() for c in rows[1]] == ["b", "4.000, 2.000, 6.000", "1000.00", "1.00x"]  # 4 s / 4 = 2 s / 2
+    assert [r.split("|")[4].strip() for r in ps.ratio_rows(variants, times, "c")] == ["-", "-"]
+    assert ps.ratio_rows(variants, {"a": [1.0], "b": [1.0]}, "a")[1].split("|")[4].strip() == "2.00x"
+
+
 def test_ae_step_times_each_batch_and_the_native_convolutions_and_profiles_the_stage_step(tmp_path, monkeypatch):
     """benchmarks/ae_step.py: one time per variant and round (alternated), per-example ratios against params.yaml's
     batch, oneDNN switched off only for its own variant, and a profiler table."""
