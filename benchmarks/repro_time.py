@@ -145,7 +145,7 @@ def main() -> None:
            f"({fmt(100 * clf['cnn_accuracy_std'] if 'cnn_accuracy_std' in clf else None, '.1f')}) | "
            f"{fmt(fid.get('label_consistency'), '.3f')} | {fmt(fid.get('fid_domain'), '.1f')} |")
     out = Path(args.out)
-    text = append_row(out.read_text() if out.exists() else "", row, provenance("repro_time.py", None, started), args.interval)
+    text = append_row(out.read_text() if out.exists() else "", row, provenance("repro_time.py", None, started, commit=rev), args.interval)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print("\n".join(HEADER + [row]))

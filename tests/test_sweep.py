@@ -136,6 +136,9 @@ def test_benchmark_tables_start_with_the_exact_command_and_commit():
     # the command can be pasted back into a shell as is: the argument with spaces stays one argument
     assert line.startswith("`python benchmarks/quality.py --runs 3 --set sample.steps=25,ldm.steps=2100 --step-figure 'LDM 0.62 s'`")
     assert f"commit {commit}," in line and "2026-11-24 08:05 UTC" in line
+    # a script that ran another commit (repro_time.py's clone, while HEAD moved on) names that one, not HEAD
+    ran = _benchmark("provenance").provenance("repro_time.py", [], datetime.datetime(2026, 12, 3, 12, 49), commit="abc1234")
+    assert "commit abc1234," in ran and f"commit {commit}," not in ran
 
 
 def test_pretraining_sweep_reports_what_the_label_buys_on_public_latents():
