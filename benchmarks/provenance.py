@@ -8,11 +8,20 @@ import subprocess
 import sys
 
 
+def _head() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+# The commit of the code this process runs: read when the benchmark starts (it imports this module first), not when
+# it writes its table, which may be an hour later, after new commits.
+STARTED_AT = _head()
+
+
 def provenance(script: str, argv: list[str] | None, started: datetime.datetime, commit: str | None = None) -> str:
     """```python benchmarks/<script> <argv>```, commit, start time (UTC) and machine, as one Markdown line.
-    ``argv`` None means this process's own arguments; ``commit`` None means this checkout's HEAD now (a script that
-    runs another commit, or runs long while HEAD may move, passes the one it ran)."""
+    ``argv`` None means this process's own arguments; ``commit`` None means the checkout's HEAD when this process
+    started (a script that runs another commit, such as repro_time.py's clone, passes that one)."""
     if commit is None:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = STARTED_AT
     cmd = shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
     return f"`{cmd}`, commit {commit or 'unknown'}, started {started:%Y-%m-%d %H:%M} UTC, {platform.machine()}, {sys.platform}."

@@ -139,6 +139,10 @@ def test_benchmark_tables_start_with_the_exact_command_and_commit():
     # a script that ran another commit (repro_time.py's clone, while HEAD moved on) names that one, not HEAD
     ran = _benchmark("provenance").provenance("repro_time.py", [], datetime.datetime(2026, 12, 3, 12, 49), commit="abc1234")
     assert "commit abc1234," in ran and f"commit {commit}," not in ran
+    # the commit is the one the process started at: HEAD is not read again when the table is written
+    prov = _benchmark("provenance")
+    prov.subprocess = None  # any later git call would fail
+    assert f"commit {commit}," in prov.provenance("quality.py", [], datetime.datetime(2026, 12, 3, 13, 0))
 
 
 def test_pretraining_sweep_reports_what_the_label_buys_on_public_latents():
