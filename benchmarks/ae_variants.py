@@ -17,7 +17,6 @@ recall, the accuracy on the held-out public split of a CNN trained on the sample
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -25,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpldm.config import load_section, with_overrides  # noqa: E402
 from pretrain_ldm_sweep import overrides_label, parse_variant, write_rows  # noqa: E402
 from provenance import provenance  # noqa: E402
+from public_ldm_variants import judge_setup, start, train as train_ldm  # noqa: E402
 
 
 def _stage(module: str, params: Path, args: list[str]) -> float:
@@ -67,7 +66,6 @@ def train_ae(name: str, params: dict, work: Path, *, public: str) -> tuple[Path,
 def downstream(name: str, params: dict, work: Path, ae: Path, *, public: str, judge, setting: str, args) -> list[dict]:
     """Encodes the public set with ``ae``, pretrains the default LDM on it and scores its samples on public data."""
     from dpldm.diffusion import make_scheduler
-    from public_ldm_variants import train as train_ldm
     from sampling_sweep import public_rows
     from stages.artifacts import load_autoencoder, load_ldm
 
@@ -103,20 +101,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=500, help="sampling batch (--ldm)")
     ap.add_argument("--step-figure", default="", help="that day's benchmarks/pretrain_step.py figure, for the provenance")
     args = ap.parse_args()
-    args.tstr = True
-    started = datetime.datetime.now(datetime.timezone.utc)
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    args.threads = load_section(params, "runtime").threads or torch.get_num_threads()
-    torch.set_num_threads(args.threads)
+    params, started = start(args)
     work = Path(args.work)
-    judge = setting = None
-    if args.ldm:
-        from sampling_sweep import PublicJudge
-        sample = load_section(params, "sample")
-        setting = (f"eta={sample.eta},steps={sample.steps},w={sample.guidance_scale},precision={sample.precision},"
-                   f"solver={sample.solver}")
-        judge = PublicJudge(args.public_data, clf=load_section(params, "classifier"), fcfg=load_section(params, "fid"),
-                            num_classes=load_section(params, "ldm").num_classes, seed=args.seed)
+    setting, judge = judge_setup(params, args.public_data, args.seed) if args.ldm else (None, None)
     rows, table = [], []
     for text in args.variant:
         name, over = parse_variant(text)

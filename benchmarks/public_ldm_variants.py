@@ -61,6 +61,26 @@ def train(name: str, params: dict, work: Path, *, latents: str) -> tuple[Path, f
     return model, seconds
 
 
+def start(args) -> tuple[dict, datetime.datetime]:
+    """(params.yaml, start time): also sets ``args.tstr`` and ``args.threads`` (runtime.threads) for the judge."""
+    args.tstr = True
+    started = datetime.datetime.now(datetime.timezone.utc)
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    args.threads = load_section(params, "runtime").threads or torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    return params, started
+
+
+def judge_setup(params: dict, public_data: str, seed: int) -> tuple[str, PublicJudge]:
+    """(the sampler setting of params.yaml's ``sample`` section, the public judge on ``public_data``)."""
+    sample = load_section(params, "sample")
+    setting = (f"eta={sample.eta},steps={sample.steps},w={sample.guidance_scale},precision={sample.precision},"
+               f"solver={sample.solver}")
+    judge = PublicJudge(public_data, clf=load_section(params, "classifier"), fcfg=load_section(params, "fid"),
+                        num_classes=load_section(params, "ldm").num_classes, seed=seed)
+    return setting, judge
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variant", action="append", required=True, help="name:key=value,... (name: alone = the defaults)")
@@ -75,17 +95,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/public_ldm_variants")
     ap.add_argument("--step-figure", default="", help="that day's benchmarks/pretrain_step.py figure, for the provenance")
     args = ap.parse_args()
-    args.tstr = True
-    started = datetime.datetime.now(datetime.timezone.utc)
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    args.threads = load_section(params, "runtime").threads or torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    sample = load_section(params, "sample")
-    setting = (f"eta={sample.eta},steps={sample.steps},w={sample.guidance_scale},precision={sample.precision},"
-               f"solver={sample.solver}")
+    params, started = start(args)
     ae, ae_conf = load_autoencoder(args.ae)
-    judge = PublicJudge(args.public_data, clf=load_section(params, "classifier"), fcfg=load_section(params, "fid"),
-                        num_classes=load_section(params, "ldm").num_classes, seed=args.seed)
+    setting, judge = judge_setup(params, args.public_data, args.seed)
     rows, table = [], []
     for text in args.variant:
         name, over = parse_variant(text)
