@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
+import shutil
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -30,33 +28,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpldm.config import load_section, with_overrides  # noqa: E402
+from dpldm.diffusion import make_scheduler  # noqa: E402
 from pretrain_ldm_sweep import overrides_label, parse_variant, write_rows  # noqa: E402
 from provenance import provenance  # noqa: E402
-from public_ldm_variants import judge_setup, start, train as train_ldm  # noqa: E402
-
-
-def _stage(module: str, params: Path, args: list[str]) -> float:
-    """Runs ``python -m stages.MODULE`` in a subprocess; returns its wall seconds."""
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", f"stages.{module}", "--params", str(params), *args], check=True,
-                   env={**os.environ, "DPLDM_PROGRESS": "0"})
-    return time.perf_counter() - t0
+from public_ldm_variants import judge_setup, run_stage, start, trained_before, train as train_ldm  # noqa: E402
+from sampling_sweep import public_cells, public_header, public_rows  # noqa: E402
+from stages.artifacts import load_autoencoder, load_ldm  # noqa: E402
 
 
 def train_ae(name: str, params: dict, work: Path, *, public: str) -> tuple[Path, dict]:
-    """(AE folder, {train_s, test_psnr_db, test_mse, latent_scale_factor}); reused when trained with the same ae section."""
+    """(AE folder, {train_s, test_psnr_db, test_mse, latent_scale_factor}); reused when trained with the same ae section.
+    A retrained AE drops the variant's latents and LDM, which were made from the AE it replaces."""
     folder = work / name
     model, marker = folder / "ae", folder / "ae_trained.json"
-    if marker.exists() and (model / "config.json").exists():
-        done = json.loads(marker.read_text())
-        if done.get("ae") == params["ae"]:
-            print(f"{name}: reusing {model} (trained with the same ae section)", flush=True)
-            return model, done["metrics"]
+    if (done := trained_before(name, model, marker, "ae", params)) is not None:
+        return model, done["metrics"]
+    (folder / "public.npz").unlink(missing_ok=True)
+    shutil.rmtree(work / f"ldm_{name}", ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    seconds = _stage("pretrain_ae", folder / "params.yaml",
-                     ["--in", f"public={public}", "--out", f"model={model}", "--out", f"grid={folder / 'reconstructions.png'}",
-                      "--out", f"live={folder / 'live_ae'}"])
+    seconds = run_stage("pretrain_ae", folder / "params.yaml",
+                        ["--in", f"public={public}", "--out", f"model={model}", "--out", f"grid={folder / 'reconstructions.png'}",
+                         "--out", f"live={folder / 'live_ae'}"])
     m = json.loads((folder / "live_ae" / "metrics.json").read_text())
     metrics = {"train_s": seconds, **{k: m[k] for k in ("test_psnr_db", "test_mse", "latent_scale_factor")}}
     marker.write_text(json.dumps({"ae": params["ae"], "metrics": metrics}))
@@ -65,14 +58,10 @@ def train_ae(name: str, params: dict, work: Path, *, public: str) -> tuple[Path,
 
 def downstream(name: str, params: dict, work: Path, ae: Path, *, public: str, judge, setting: str, args) -> list[dict]:
     """Encodes the public set with ``ae``, pretrains the default LDM on it and scores its samples on public data."""
-    from dpldm.diffusion import make_scheduler
-    from sampling_sweep import public_rows
-    from stages.artifacts import load_autoencoder, load_ldm
-
     folder = work / name
     latents = folder / "public.npz"
     if not latents.exists():
-        _stage("encode_public", folder / "params.yaml",
+        run_stage("encode_public", folder / "params.yaml",
                ["--in", f"images={public}", "--in", f"ae={ae}", "--out", f"latents={latents}",
                 "--out", f"live={folder / 'live_encode'}"])
     ldm_folder, ldm_s = train_ldm("ldm_" + name, params, work, latents=str(latents))
@@ -115,7 +104,6 @@ def main() -> None:
         cells = (f"| {name} | `{overrides_label(over)}` | {cfg.epochs} x {cfg.batch_size} | {cfg.lr:g} | "
                  f"{m['test_psnr_db']:.2f} | {m['test_mse']:.5f} | {m['latent_scale_factor']:.3f} | {m['train_s']:.0f} |")
         if args.ldm:
-            from sampling_sweep import public_cells
             mine = downstream(name, p, work, ae, public=args.public_data, judge=judge, setting=setting, args=args)
             for r in mine:
                 r.update(row)
@@ -128,7 +116,6 @@ def main() -> None:
     head = ("| variant | overrides | epochs x batch | lr | held-out public PSNR (dB) | MSE | latent scale | training s |")
     rule = "|---|---|---:|---:|---:|---:|---:|---:|"
     if args.ldm:
-        from sampling_sweep import public_header
         ph = public_header((), ("LDM held-out public loss (EMA)",))
         head, rule = head + ph[0].lstrip("|"), rule + ph[1].lstrip("|")
     lines = [provenance("ae_variants.py", None, started), "",

@@ -40,23 +40,36 @@ from provenance import provenance  # noqa: E402
 from sampling_sweep import PublicJudge, public_cells, public_header, public_rows  # noqa: E402
 
 
+def run_stage(module: str, params: Path, args: list[str]) -> float:
+    """Runs ``python -m stages.MODULE --params PARAMS ARGS`` in a subprocess (no progress bars); its wall seconds."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", f"stages.{module}", "--params", str(params), *args], check=True,
+                   env={**os.environ, "DPLDM_PROGRESS": "0"})
+    return time.perf_counter() - t0
+
+
+def trained_before(name: str, model: Path, marker: Path, section: str, params: dict) -> dict | None:
+    """The record in ``marker`` when ``model`` is there and was trained with the same ``params[section]``, else None."""
+    if marker.exists() and (model / "config.json").exists():
+        done = json.loads(marker.read_text())
+        if done.get(section) == params[section]:
+            print(f"{name}: reusing {model} (trained with the same {section} section)", flush=True)
+            return done
+    return None
+
+
 def train(name: str, params: dict, work: Path, *, latents: str) -> tuple[Path, float | None]:
     """(model folder, training seconds: measured now, or as recorded when reused). Trains with the stage itself,
     in a subprocess."""
     folder = work / name
     model, marker = folder / "ldm", folder / "trained.json"
-    if marker.exists() and (model / "config.json").exists():
-        done = json.loads(marker.read_text())
-        if done.get("ldm") == params["ldm"]:
-            print(f"{name}: reusing {model} (trained with the same ldm section)", flush=True)
-            return model, done.get("train_s")
+    if (done := trained_before(name, model, marker, "ldm", params)) is not None:
+        return model, done.get("train_s")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "stages.pretrain_ldm", "--params", str(folder / "params.yaml"),
-                    "--in", f"latents={latents}", "--out", f"model={model}", "--state", f"checkpoint={folder / 'checkpoint'}",
-                    "--out", f"live={folder / 'live'}"], check=True, env={**os.environ, "DPLDM_PROGRESS": "0"})
-    seconds = time.perf_counter() - t0
+    seconds = run_stage("pretrain_ldm", folder / "params.yaml",
+                        ["--in", f"latents={latents}", "--out", f"model={model}", "--state", f"checkpoint={folder / 'checkpoint'}",
+                         "--out", f"live={folder / 'live'}"])
     marker.write_text(json.dumps({"ldm": params["ldm"], "train_s": seconds}))
     return model, seconds
 

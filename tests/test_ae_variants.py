@@ -36,4 +36,8 @@ def test_ae_variants_train_with_the_stage_and_are_judged_on_public_data(tmp_path
     assert "more: reusing" in again.stdout
     short = [ln.split("|")[1:-1] for ln in (tmp_path / "v.md").read_text().splitlines() if ln.startswith("| more")][0]
     assert short == row[:8]
+    # the same name with another ae section: the AE is retrained and the latents and LDM made from the old one dropped
+    run([*args[:-1], f"more:ae.epochs={epochs + 2}", "--out", str(tmp_path / "u")], repo)
+    assert json.loads((work / "more/ae_trained.json").read_text())["ae"]["epochs"] == epochs + 2
+    assert not (work / "more/public.npz").exists() and not (work / "ldm_more").exists()
     assert not (repo / "data/private").exists() and not (repo / "models").exists()  # nothing private, no stage model
