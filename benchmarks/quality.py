@@ -4,6 +4,7 @@ layers, and real data, each DP row a mean over independent DP runs.
     python benchmarks/quality.py [--runs 3] [--epsilons 1 10] [--set key=value ...] [--compare-only]
     python benchmarks/quality.py --rescore TAG --set sample.per_class=1000 [...]   # the same DP runs, re-scored
     python benchmarks/quality.py --rows dp --epsilons 10   # only some rows (public-only, dp, non-private)
+    python benchmarks/quality.py --rows non-private --nonprivate-runs 2   # the non-private row, a mean over 2 runs
 
 Each setting is one ``dvc exp`` run by ``pipeline.sweep`` in this workspace (the upstream stages once; every
 setting re-runs dp_finetune, sample, score_fid and score_classifier). The DP runs of one epsilon differ only in
@@ -15,7 +16,7 @@ same selection with its own schedule (``NONPRIVATE``, chosen on the public proxy
 an empty one gives the DP defaults): the DP defaults are sized for the noise.
 
 Every DP run is a separate release of a model trained on the same private data: the ledger adds them up
-(``epsilon_spent_all_attempts``), and the non-private run, which comes last, voids the total (``inf``). This
+(``epsilon_spent_all_attempts``), and the non-private runs, which come last, void the total (``inf``). This
 table is scored on the private test split: nothing may be chosen from it.
 
 ``--rescore TAG`` re-scores the table's existing experiments instead (``pipeline.sweep.rescore_sweep``): each
@@ -75,16 +76,23 @@ def nonprivate_name(overrides: dict) -> str:
     return "q-nonprivate-" + re.sub(r"[^A-Za-z0-9-]+", "", slug.replace(".", "p").replace("_", ""))
 
 
-def settings(epsilons: list[float], runs: int, common: dict, nonprivate: dict | None = None) -> list[tuple[str, str, dict]]:
-    """[(experiment name, row, params)]: public-only, the DP runs, then non-private (last: it voids the total)
-    with its own schedule ``nonprivate`` on top of ``common``."""
+def settings(epsilons: list[float], runs: int, common: dict, nonprivate: dict | None = None,
+             nonprivate_runs: int = 1) -> list[tuple[str, str, dict]]:
+    """[(experiment name, row, params)]: public-only, the DP runs, then the non-private runs (last: they void the
+    total) with their own schedule ``nonprivate`` on top of ``common``. Non-private fine-tuning has no DP noise and is
+    seeded: its run r > 1 is ``NAME-run<r>`` with ``runtime.seeds.dp_finetune`` r - 1 above run 1's (so that the
+    runs differ and DVC runs each one); run 1 keeps the name and seed it always had."""
     nonprivate = {} if nonprivate is None else nonprivate
+    seed = common.get("runtime.seeds.dp_finetune", 0)
     out = [("q-public-only", "public-only", {**common, "finetune.mode": "none"})]
     for eps in epsilons:
         for r in range(1, runs + 1):
             name = f"q-eps{eps:g}-run{r}".replace(".", "p")
             out.append((name, f"epsilon {eps:g}", {**common, "finetune.epsilon": eps, "runtime.seeds.dp_finetune": r}))
-    out.append((nonprivate_name(nonprivate), "non-private", {**common, **nonprivate, "finetune.private": False}))
+    base = {**common, **nonprivate, "finetune.private": False}
+    out.append((nonprivate_name(nonprivate), "non-private", base))
+    for r in range(2, nonprivate_runs + 1):
+        out.append((f"{nonprivate_name(nonprivate)}-run{r}", "non-private", {**base, "runtime.seeds.dp_finetune": seed + r - 1}))
     return out
 
 
@@ -147,6 +155,8 @@ def main(argv=None) -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every setting")
     ap.add_argument("--nonprivate-set", nargs="*", default=None, metavar="KEY=VALUE",
                     help=f"the non-private row's own schedule (default: {NONPRIVATE}; give none for the DP defaults)")
+    ap.add_argument("--nonprivate-runs", type=int, default=1,
+                    help="runs of the non-private row (each with its own seed; the row reports their mean ± std)")
     ap.add_argument("--compare-only", action="store_true", help="skip the runs; rebuild the table from dvc exp")
     ap.add_argument("--rerun", action="store_true", help="replace experiments of the same name")
     ap.add_argument("--rescore", metavar="TAG", default="",
@@ -158,10 +168,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.runs < 1:
         raise SystemExit(f"--runs {args.runs}: need at least one DP run per epsilon")
+    if args.nonprivate_runs < 1:
+        raise SystemExit(f"--nonprivate-runs {args.nonprivate_runs}: need at least one non-private run")
     common = parse_assignments(",".join(args.set)) if args.set else {}
     nonprivate = NONPRIVATE if args.nonprivate_set is None else check_nonprivate(
         parse_assignments(",".join(args.nonprivate_set)) if args.nonprivate_set else {})
-    grid = only_rows(settings(args.epsilons, args.runs, common, nonprivate), args.rows)
+    grid = only_rows(settings(args.epsilons, args.runs, common, nonprivate, args.nonprivate_runs), args.rows)
     started = datetime.datetime.now(datetime.timezone.utc)
     if args.rescore:
         pairs = rescored(grid, args.rescore, common)

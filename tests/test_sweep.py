@@ -105,6 +105,12 @@ def test_quality_table_gives_each_epsilon_independent_runs_and_averages_over_the
     assert np_params == {"sample.per_class": 20, "finetune.epochs": 40, "finetune.lr": 0.006, "finetune.private": False}
     assert "finetune.epochs" not in dp and "finetune.lr" not in dp
     assert q.settings([10.0], 1, {}, {})[-1][0] == "q-nonprivate"
+    # more non-private runs: run 1 keeps its name and seed, each later run its own seed above it (--set's included)
+    nps = [g for g in q.settings([10.0], 1, {"runtime.seeds.dp_finetune": 1}, {"finetune.epochs": 40}, 3) if g[1] == "non-private"]
+    assert [n for n, _, _ in nps] == ["q-nonprivate-epochs40", "q-nonprivate-epochs40-run2", "q-nonprivate-epochs40-run3"]
+    assert [s["runtime.seeds.dp_finetune"] for _, _, s in nps] == [1, 2, 3]
+    assert all(s["finetune.private"] is False and s["finetune.epochs"] == 40 for _, _, s in nps)
+    assert q.settings([10.0], 1, {}, {}, 2)[-1][2]["runtime.seeds.dp_finetune"] == 1
     base = {"experiment": "", "cnn_accuracy_std": 0.01, "mlp_accuracy": 0.5, "logreg_accuracy": 0.4, "fid_domain": 100.0}
     runs = [{**base, "experiment": n, "cnn_accuracy": a, "epsilon_spent": e, "label_consistency": c}
             for n, a, e, c in [("q-eps10-run1", 0.80, 9.99, 0.7), ("q-eps10-run2", 0.90, 9.99, 0.8), ("q-eps10-run3", "!", "!", "!"),
