@@ -62,8 +62,8 @@ def downstream(name: str, params: dict, work: Path, ae: Path, *, public: str, ju
     latents = folder / "public.npz"
     if not latents.exists():
         run_stage("encode_public", folder / "params.yaml",
-               ["--in", f"images={public}", "--in", f"ae={ae}", "--out", f"latents={latents}",
-                "--out", f"live={folder / 'live_encode'}"])
+                  ["--in", f"images={public}", "--in", f"ae={ae}", "--out", f"latents={latents}",
+                   "--out", f"live={folder / 'live_encode'}"])
     ldm_folder, ldm_s = train_ldm("ldm_" + name, params, work, latents=str(latents))
     model, ldm_cfg, conf = load_ldm(ldm_folder)
     model.eval()

@@ -89,10 +89,10 @@ def settings(epsilons: list[float], runs: int, common: dict, nonprivate: dict | 
         for r in range(1, runs + 1):
             name = f"q-eps{eps:g}-run{r}".replace(".", "p")
             out.append((name, f"epsilon {eps:g}", {**common, "finetune.epsilon": eps, "runtime.seeds.dp_finetune": r}))
-    base = {**common, **nonprivate, "finetune.private": False}
-    out.append((nonprivate_name(nonprivate), "non-private", base))
+    base, name = {**common, **nonprivate, "finetune.private": False}, nonprivate_name(nonprivate)
+    out.append((name, "non-private", base))
     for r in range(2, nonprivate_runs + 1):
-        out.append((f"{nonprivate_name(nonprivate)}-run{r}", "non-private", {**base, "runtime.seeds.dp_finetune": seed + r - 1}))
+        out.append((f"{name}-run{r}", "non-private", {**base, "runtime.seeds.dp_finetune": seed + r - 1}))
     return out
 
 
