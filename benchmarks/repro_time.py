@@ -3,10 +3,15 @@ shell (`env -i`, PATH without any venv), the machine's day figure (`benchmarks/p
 after, and each stage's time read from the process list. Appends one row to the table in --out.
 
     python benchmarks/repro_time.py [--rev HEAD] [--interval 2] [--keep DIR] [--out benchmarks/results/repro_time.md]
+    python benchmarks/repro_time.py --plot-only        # redraw the plot from the table, run nothing
 
 The clone (with its private data, models and `make repro` log) lives in a scratch folder that is deleted afterwards
 unless --keep names one. The row holds times and the release's evaluation aggregates only (epsilon spent, the CNN's
-accuracy on the real test split, label consistency, `fid_domain`): what the README reports."""
+accuracy on the real test split, label consistency, `fid_domain`): what the README reports.
+
+Beside the table, `<out>.png` plots each run's total time against its day figure (the mean of before and after), the
+line through the origin fitted to the runs that exited 0 (minutes per s/step), issue 14's 30-minute goal and the day
+figure at which that line reaches it. It is redrawn after every run."""
 from __future__ import annotations
 
 import argparse
@@ -87,6 +92,87 @@ def append_row(text: str, row: str, command: str, interval: float) -> str:
     return "\n".join(lines + [f"- {command}"]) + "\n"
 
 
+def format_row(rev: str, started: datetime.datetime, before: float | None, after: float | None, seconds: float,
+               exit_code: int, stages: list[tuple[str, float]], eps, clf: dict, fid: dict) -> str:
+    """One table row (``HEADER``'s columns); a missing figure is "-"."""
+    def fmt(v, spec):
+        return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+    return (f"| {rev} | {started:%Y-%m-%d %H:%M} | {fmt(before, '.2f')} / {fmt(after, '.2f')} | "
+            f"**{seconds / 60:.1f} min** ({seconds:.0f} s) | {exit_code} | "
+            f"{', '.join(f'{name} {sec:.0f}' for name, sec in stages)} | {fmt(eps, '.3f')} | "
+            f"{fmt(100 * clf['cnn_accuracy'] if 'cnn_accuracy' in clf else None, '.1f')} "
+            f"({fmt(100 * clf['cnn_accuracy_std'] if 'cnn_accuracy_std' in clf else None, '.1f')}) | "
+            f"{fmt(fid.get('label_consistency'), '.3f')} | {fmt(fid.get('fid_domain'), '.1f')} |")
+
+
+ROW_RE = re.compile(r"^\| (?P<commit>\w+) \| (?P<started>[^|]+?) \| (?P<before>[\d.]+|-) / (?P<after>[\d.]+|-) \| "
+                    r"\*\*[\d.]+ min\*\* \((?P<seconds>\d+) s\) \| (?P<exit>-?\d+) \|")
+
+
+def parse_rows(text: str) -> list[dict]:
+    """The runs of a results table written by this script: commit, started, day figures before / after (None for "-"),
+    total seconds, exit status; other lines are skipped."""
+    out = []
+    for line in text.splitlines():
+        m = ROW_RE.match(line)
+        if m:
+            day = lambda v: None if v == "-" else float(v)
+            out.append({"commit": m["commit"], "started": m["started"], "before": day(m["before"]), "after": day(m["after"]),
+                        "seconds": int(m["seconds"]), "exit": int(m["exit"])})
+    return out
+
+
+def day_mean(row: dict) -> float | None:
+    """A run's day figure: the mean of the figures before and after it (the one there is, if only one)."""
+    days = [d for d in (row["before"], row["after"]) if d is not None]
+    return sum(days) / len(days) if days else None
+
+
+def minutes_per_day_figure(rows: list[dict]) -> float | None:
+    """Least-squares slope through the origin of total minutes against the day figure, over the runs that exited 0
+    and have a day figure (None if there are none)."""
+    pts = [(day_mean(r), r["seconds"] / 60) for r in rows if r["exit"] == 0 and day_mean(r) is not None]
+    sxx = sum(x * x for x, _ in pts)
+    return sum(x * y for x, y in pts) / sxx if sxx else None
+
+
+GOAL_MINUTES = 30.0  # issue 14: the whole `make repro` within 30 minutes on a slow day
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Total minutes against the day figure, one labelled point per run (a cross where it failed), the fitted line and
+    the goal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ok = [r for r in rows if day_mean(r) is not None]
+    for r in ok:
+        x, y = day_mean(r), r["seconds"] / 60
+        ax.plot(x, y, "o" if r["exit"] == 0 else "x", color="C0" if r["exit"] == 0 else "C3")
+        ax.annotate(f"{r['commit']} ({r['started'][:10]})", (x, y), textcoords="offset points", xytext=(5, -10), fontsize=7)
+    xmax = max([day_mean(r) for r in ok] + [1.0]) * 1.1
+    slope = minutes_per_day_figure(rows)
+    if slope:
+        at_goal = GOAL_MINUTES / slope
+        ax.plot([0, xmax], [0, slope * xmax], "--", color="C0", lw=1,
+                label=f"fit through the origin: {slope:.1f} min per s/step")
+        ax.axvline(at_goal, color="grey", lw=0.8, ls=":")
+        ax.annotate(f"30 min at {at_goal:.2f} s/step;\ntwice as slow a day fits if measured at <= {at_goal / 2:.2f}",
+                    (at_goal, 2), xytext=(4, 0), textcoords="offset points", fontsize=7, color="grey")
+    ax.axhline(GOAL_MINUTES, color="C3", lw=1, label="issue 14's goal: 30 min")
+    ax.set(xlim=(0, xmax), ylim=(0, max([r["seconds"] / 60 for r in ok] + [GOAL_MINUTES]) * 1.15),
+           xlabel="day figure (benchmarks/pretrain_step.py, s/step; mean of before and after)",
+           ylabel="make repro from a fresh clone (min)", title="The README's first command against the machine's speed")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -101,7 +187,16 @@ def main() -> None:
     ap.add_argument("--keep", help="clone into this (new) folder and keep it, the log beside it as <folder>.make_repro.log "
                     "(default: a scratch folder, deleted)")
     ap.add_argument("--out", default="benchmarks/results/repro_time.md")
+    ap.add_argument("--plot-only", action="store_true", help="redraw <out>.png from the table in --out; run nothing")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.plot_only:
+        rows = parse_rows(out.read_text()) if out.exists() else []
+        if not rows:
+            raise SystemExit(f"--plot-only: no run rows in {out}; run the benchmark first")
+        plot(rows, out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.png')} from {len(rows)} runs")
+        return
     started = datetime.datetime.now(datetime.timezone.utc)
     if args.keep and Path(args.keep).exists():
         raise SystemExit(f"--keep {args.keep}: exists; name a new folder")
@@ -135,19 +230,11 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    def fmt(v, spec):
-        return format(v, spec) if isinstance(v, (int, float)) else "-"
-
-    row = (f"| {rev} | {started:%Y-%m-%d %H:%M} | {fmt(before, '.2f')} / {fmt(after, '.2f')} | "
-           f"**{(t_end - t0) / 60:.1f} min** ({t_end - t0:.0f} s) | {proc.returncode} | "
-           f"{', '.join(f'{name} {sec:.0f}' for name, sec in stages)} | {fmt(eps, '.3f')} | "
-           f"{fmt(100 * clf['cnn_accuracy'] if 'cnn_accuracy' in clf else None, '.1f')} "
-           f"({fmt(100 * clf['cnn_accuracy_std'] if 'cnn_accuracy_std' in clf else None, '.1f')}) | "
-           f"{fmt(fid.get('label_consistency'), '.3f')} | {fmt(fid.get('fid_domain'), '.1f')} |")
-    out = Path(args.out)
+    row = format_row(rev, started, before, after, t_end - t0, proc.returncode, stages, eps, clf, fid)
     text = append_row(out.read_text() if out.exists() else "", row, provenance("repro_time.py", None, started, commit=rev), args.interval)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+    plot(parse_rows(text), out.with_suffix(".png"))
     print("\n".join(HEADER + [row]))
     if proc.returncode:
         raise SystemExit(f"make repro failed (exit {proc.returncode})")

@@ -318,6 +318,35 @@ def test_repro_time_reads_stage_times_day_figures_and_appends_rows_to_one_table(
     assert lines[-2:] == ["- `python benchmarks/repro_time.py` run 1", "- `python benchmarks/repro_time.py --rev b` run 2"]
 
 
+def test_repro_time_rows_read_back_and_the_plot_fits_minutes_per_day_figure(tmp_path):
+    import datetime
+
+    r = _benchmark("repro_time")
+    started = datetime.datetime(2026, 12, 4, 1, 2)
+    stages = [("bootstrap", 14.0), ("pretrain_ae", 225.0)]
+    clf, fid = {"cnn_accuracy": 0.902, "cnn_accuracy_std": 0.002}, {"label_consistency": 0.833, "fid_domain": 53.8}
+    rows = [r.format_row("aaa1111", started, 0.5, 0.5, 1200.0, 0, stages, 9.996, clf, fid),  # 40 min per s/step
+            r.format_row("bbb2222", started, 0.9, 1.1, 2400.0, 0, stages, 9.996, clf, fid),  # 40 again
+            r.format_row("ccc3333", started, None, 0.3, 60.0, 2, stages, None, {}, {}),     # failed: not fitted
+            r.format_row("ddd4444", started, None, None, 900.0, 0, stages, None, {}, {})]   # no day figure: not fitted
+    text = r.append_row("", rows[0], "`python benchmarks/repro_time.py` run 1", 2.0)
+    for i, row in enumerate(rows[1:], 2):
+        text = r.append_row(text, row, f"`python benchmarks/repro_time.py` run {i}", 2.0)
+    got = r.parse_rows(text)
+    assert [g["commit"] for g in got] == ["aaa1111", "bbb2222", "ccc3333", "ddd4444"]  # header and commands skipped
+    assert got[0] == {"commit": "aaa1111", "started": "2026-12-04 01:02", "before": 0.5, "after": 0.5, "seconds": 1200,
+                      "exit": 0}
+    assert (got[2]["before"], got[2]["after"], got[2]["exit"]) == (None, 0.3, 2)
+    assert r.day_mean(got[1]) == pytest.approx(1.0) and r.day_mean(got[2]) == 0.3 and r.day_mean(got[3]) is None
+    assert r.minutes_per_day_figure(got) == pytest.approx(40.0)
+    got[1]["seconds"] = 3000  # 50 min at 1.0: the fit is (0.5 * 20 + 1.0 * 50) / (0.25 + 1.0) = 48
+    assert r.minutes_per_day_figure(got) == pytest.approx(48.0)
+    assert r.minutes_per_day_figure(got[2:]) is None
+    png = tmp_path / "repro_time.png"
+    r.plot(got, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_ldm_shape_ab_times_every_stage_per_variant_and_states_ratios_against_the_first(tmp_path, monkeypatch):
     """benchmarks/ldm_shape_ab.py: three timings per variant and process, ratios against the first variant. Its
     processes run here in this one (the same ``--one`` code path) to keep the test cheap."""
