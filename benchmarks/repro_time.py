@@ -113,11 +113,11 @@ ROW_RE = re.compile(r"^\| (?P<commit>\w+) \| (?P<started>[^|]+?) \| (?P<before>[
 def parse_rows(text: str) -> list[dict]:
     """The runs of a results table written by this script: commit, started, day figures before / after (None for "-"),
     total seconds, exit status; other lines are skipped."""
+    day = lambda v: None if v == "-" else float(v)
     out = []
     for line in text.splitlines():
         m = ROW_RE.match(line)
         if m:
-            day = lambda v: None if v == "-" else float(v)
             out.append({"commit": m["commit"], "started": m["started"], "before": day(m["before"]), "after": day(m["after"]),
                         "seconds": int(m["seconds"]), "exit": int(m["exit"])})
     return out
