@@ -3,7 +3,11 @@ shell (`env -i`, PATH without any venv), the machine's day figure (`benchmarks/p
 after, and each stage's time read from the process list. Appends one row to the table in --out.
 
     python benchmarks/repro_time.py [--rev HEAD] [--interval 2] [--keep DIR] [--out benchmarks/results/repro_time.md]
+    python benchmarks/repro_time.py --profile benchmarks/profiles/fast.yaml   # -> benchmarks/results/repro_time_fast.md
     python benchmarks/repro_time.py --plot-only        # redraw the plot from the table, run nothing
+
+``--profile``: merged into the clone's params.yaml (scripts/apply_profile.py) before `make repro`, the rest as above;
+its runs go to their own table (default ``repro_time_<profile>.md``), so that the defaults' fit stays the defaults'.
 
 The clone (with its private data, models and `make repro` log) lives in a scratch folder that is deleted afterwards
 unless --keep names one. The row holds times and the release's evaluation aggregates only (epsilon spent, the CNN's
@@ -140,9 +144,9 @@ def minutes_per_day_figure(rows: list[dict]) -> float | None:
 GOAL_MINUTES = 30.0  # issue 14: the whole `make repro` within 30 minutes on a slow day
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, *, profile: str = "") -> None:
     """Total minutes against the day figure, one labelled point per run (a cross where it failed), the fitted line and
-    the goal."""
+    the goal; ``profile`` names the profile the runs applied (in the title)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,11 +170,23 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.axhline(GOAL_MINUTES, color="C3", lw=1, label=f"issue 14's goal: {GOAL_MINUTES:g} min")
     ax.set(xlim=(0, xmax), ylim=(0, max([r["seconds"] / 60 for r in ok] + [GOAL_MINUTES]) * 1.15),
            xlabel="day figure (benchmarks/pretrain_step.py, s/step; mean of before and after)",
-           ylabel="make repro from a fresh clone (min)", title="The README's first command against the machine's speed")
+           ylabel="make repro from a fresh clone (min)",
+           title="The README's first command against the machine's speed" + (f" ({profile})" if profile else ""))
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def results_path(out: str | None, profile: Path | None) -> Path:
+    """--out, or the default table: ``repro_time.md`` for the defaults, ``repro_time_<profile>.md`` for a profile."""
+    return Path(out or (f"benchmarks/results/repro_time_{profile.stem}.md" if profile else "benchmarks/results/repro_time.md"))
+
+
+def apply_profile(clone: Path, profile: Path) -> None:
+    """Merge ``profile`` (the file as it is in this checkout) into the clone's params.yaml with the clone's own
+    scripts/apply_profile.py (a key outside params.yaml stops it)."""
+    subprocess.run([sys.executable, "scripts/apply_profile.py", str(profile.resolve())], cwd=clone, check=True)
 
 
 def read_json(path: Path) -> dict:
@@ -186,15 +202,20 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=2.0, help="seconds between process-list samples")
     ap.add_argument("--keep", help="clone into this (new) folder and keep it, the log beside it as <folder>.make_repro.log "
                     "(default: a scratch folder, deleted)")
-    ap.add_argument("--out", default="benchmarks/results/repro_time.md")
+    ap.add_argument("--out", help="default benchmarks/results/repro_time.md; with --profile, repro_time_<profile>.md")
+    ap.add_argument("--profile", help="a profile (YAML shaped like params.yaml, e.g. benchmarks/profiles/fast.yaml) applied "
+                    "to the clone's params.yaml before `make repro`")
     ap.add_argument("--plot-only", action="store_true", help="redraw <out>.png from the table in --out; run nothing")
     args = ap.parse_args()
-    out = Path(args.out)
+    profile = Path(args.profile) if args.profile else None
+    if profile is not None and not profile.is_file():
+        raise SystemExit(f"--profile {args.profile}: no such file; the profiles are in benchmarks/profiles/")
+    out = results_path(args.out, profile)
     if args.plot_only:
         rows = parse_rows(out.read_text()) if out.exists() else []
         if not rows:
             raise SystemExit(f"--plot-only: no run rows in {out}; run the benchmark first")
-        plot(rows, out.with_suffix(".png"))
+        plot(rows, out.with_suffix(".png"), profile=profile.name if profile else "")
         print(f"wrote {out.with_suffix('.png')} from {len(rows)} runs")
         return
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -211,6 +232,8 @@ def main() -> None:
     try:
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
         subprocess.run(["git", "checkout", "-q", rev], cwd=clone, check=True)
+        if profile is not None:
+            apply_profile(clone, profile)
         env = {"HOME": os.environ.get("HOME", str(Path.home())), "PATH": CLEAN_PATH}
         seen: list[tuple[float, list[str]]] = []
         t0 = time.time()
@@ -234,7 +257,7 @@ def main() -> None:
     text = append_row(out.read_text() if out.exists() else "", row, provenance("repro_time.py", None, started, commit=rev), args.interval)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    plot(parse_rows(text), out.with_suffix(".png"))
+    plot(parse_rows(text), out.with_suffix(".png"), profile=profile.name if profile else "")
     print("\n".join(HEADER + [row]))
     if proc.returncode:
         raise SystemExit(f"make repro failed (exit {proc.returncode})")

@@ -347,6 +347,36 @@ def test_repro_time_rows_read_back_and_the_plot_fits_minutes_per_day_figure(tmp_
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_repro_time_profile_runs_merge_into_the_clone_and_go_to_their_own_table(tmp_path):
+    """--profile: the profile is merged into the clone's params.yaml by the clone's own apply_profile.py (the checkout's
+    params.yaml untouched), and its runs go to repro_time_<profile>.md unless --out says otherwise."""
+    import shutil
+
+    import yaml
+    from helpers import ROOT
+
+    r = _benchmark("repro_time")
+    clone = tmp_path / "clone"
+    (clone / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "params.yaml", clone / "params.yaml")
+    shutil.copy(ROOT / "scripts" / "apply_profile.py", clone / "scripts" / "apply_profile.py")
+    profile = ROOT / "benchmarks" / "profiles" / "fast.yaml"
+    before = (ROOT / "params.yaml").read_text()
+    r.apply_profile(clone, profile)
+    merged, base, over = (yaml.safe_load(p.read_text()) for p in (clone / "params.yaml", ROOT / "params.yaml", profile))
+    assert over and all(merged[sec][k] == v for sec, kv in over.items() for k, v in kv.items())
+    assert any(base[sec][k] != v for sec, kv in over.items() for k, v in kv.items())  # the profile changes something
+    assert merged["finetune"]["epsilon"] == base["finetune"]["epsilon"]               # and leaves the rest
+    assert (ROOT / "params.yaml").read_text() == before
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ldm: {stepz: 5}\n")
+    with pytest.raises(subprocess.CalledProcessError):
+        r.apply_profile(clone, bad)
+    assert r.results_path(None, profile) == Path("benchmarks/results/repro_time_fast.md")
+    assert r.results_path(None, None) == Path("benchmarks/results/repro_time.md")
+    assert r.results_path("x/y.md", profile) == Path("x/y.md")
+
+
 def test_ldm_shape_ab_times_every_stage_per_variant_and_states_ratios_against_the_first(tmp_path, monkeypatch):
     """benchmarks/ldm_shape_ab.py: three timings per variant and process, ratios against the first variant. Its
     processes run here in this one (the same ``--one`` code path) to keep the test cheap."""
