@@ -158,15 +158,16 @@ def plot(rows: list[dict], path: Path, *, profile: str = "") -> None:
         x, y = day_mean(r), r["seconds"] / 60
         ax.plot(x, y, "o" if r["exit"] == 0 else "x", color="C0" if r["exit"] == 0 else "C3")
         ax.annotate(f"{r['commit']} ({r['started'][:10]})", (x, y), textcoords="offset points", xytext=(5, -10), fontsize=7)
-    xmax = max([day_mean(r) for r in ok] + [1.0]) * 1.1
     slope = minutes_per_day_figure(rows)
+    # wide enough for every run and for the day figure at which the fitted line reaches the goal
+    xmax = max([day_mean(r) for r in ok] + [1.0] + ([GOAL_MINUTES / slope] if slope else [])) * 1.1
     if slope:
         at_goal = GOAL_MINUTES / slope
         ax.plot([0, xmax], [0, slope * xmax], "--", color="C0", lw=1,
                 label=f"fit through the origin: {slope:.1f} min per s/step")
         ax.axvline(at_goal, color="grey", lw=0.8, ls=":")
         ax.annotate(f"{GOAL_MINUTES:g} min at {at_goal:.2f} s/step;\ntwice as slow a day fits if measured at <= {at_goal / 2:.2f}",
-                    (at_goal, 2), xytext=(4, 0), textcoords="offset points", fontsize=7, color="grey")
+                    (at_goal, 2), xytext=(-4, 0), textcoords="offset points", fontsize=7, color="grey", ha="right")
     ax.axhline(GOAL_MINUTES, color="C3", lw=1, label=f"issue 14's goal: {GOAL_MINUTES:g} min")
     ax.set(xlim=(0, xmax), ylim=(0, max([r["seconds"] / 60 for r in ok] + [GOAL_MINUTES]) * 1.15),
            xlabel="day figure (benchmarks/pretrain_step.py, s/step; mean of before and after)",

@@ -16,9 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import torch_fidelity
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -181,6 +178,11 @@ def register_domain_extractor(state_dict: dict, conf: dict) -> str:
     """Registers the trained SmallCNN's penultimate layer as a torch-fidelity feature extractor; ``conf`` as for
     ``SmallCNN.from_state_dict``. Returns its registry name, which includes a hash of the weights (same weights,
     same name)."""
+    # torch-fidelity is imported where it is used: at module level it pulled torchvision's model zoo and CLIP into
+    # every stage that trains a downstream classifier (reference, score_classifier), which never computes a FID
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
     h = hashlib.sha256()
     for k in sorted(state_dict):
         h.update(k.encode())
@@ -230,6 +232,8 @@ def fidelity(synthetic: np.ndarray, real: np.ndarray, *, extractor: str, tag: st
              cache_root: str | None = None, real_cache_name: str | None = None) -> dict[str, float]:
     """FID and KID (and optionally precision/recall) between two uint8 image sets, with metric names
     that say which extractor produced them: ``fid_<tag>``, ``kid_<tag>_mean``, ... (never a bare 'fid')."""
+    import torch_fidelity
+
     kwargs = dict(input1=UInt8Images(synthetic), input2=UInt8Images(real), fid=True, kid=True, prc=precision_recall,
                   feature_extractor=extractor, kid_subset_size=min(kid_subset_size, len(synthetic), len(real)),
                   cuda=cuda, verbose=False, batch_size=200,

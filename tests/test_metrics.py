@@ -173,3 +173,15 @@ def test_small_cnn_pools_before_relu_with_the_same_outputs_and_gradients_as_relu
     grads = dict(textbook.named_parameters())
     for name, p in fast.named_parameters():
         assert p.grad.any() and torch.equal(p.grad, grads[name].grad), name
+
+
+def test_the_classifier_stages_import_neither_torch_fidelity_nor_torchvision():
+    """reference and score_classifier train classifiers and never compute a FID: torch-fidelity (which pulls
+    torchvision's model zoo and CLIP) is imported only where a FID is computed, not at each such stage's start."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stages.reference, stages.score_classifier; "
+            "print(sorted(m for m in ('torch_fidelity', 'torchvision', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -377,6 +377,22 @@ def test_repro_time_profile_runs_merge_into_the_clone_and_go_to_their_own_table(
     assert r.results_path("x/y.md", profile) == Path("x/y.md")
 
 
+def test_stage_imports_lists_dvc_yamls_stages_and_names_the_heavy_libraries_an_import_loads(tmp_path):
+    """benchmarks/stage_imports.py: the stage modules are dvc.yaml's own, and a fresh import reports what it loaded
+    (prepare_public: none of the heavy libraries; reference: torch but not torch-fidelity, which only score_fid's FID
+    needs)."""
+    b = _benchmark("stage_imports")
+    stages = b.stage_modules()
+    assert stages[:2] == ["prepare_public", "prepare_private"] and len(stages) == len(set(stages))
+    assert {"pretrain_ae", "dp_finetune", "sample", "score_classifier", "reference"} <= set(stages)
+    seconds, mods = b.one_import("prepare_public")
+    assert seconds > 0 and mods == []
+    _, mods = b.one_import("reference")
+    assert "torch" in mods and "torch_fidelity" not in mods and "diffusers" not in mods
+    with pytest.raises(SystemExit, match="--rounds 1"):
+        b.main(["--rounds", "1", "--out", str(tmp_path / "x.md")])
+
+
 def test_ldm_shape_ab_times_every_stage_per_variant_and_states_ratios_against_the_first(tmp_path, monkeypatch):
     """benchmarks/ldm_shape_ab.py: three timings per variant and process, ratios against the first variant. Its
     processes run here in this one (the same ``--one`` code path) to keep the test cheap."""
