@@ -212,11 +212,12 @@ def main() -> None:
     if profile is not None and not profile.is_file():
         raise SystemExit(f"--profile {args.profile}: no such file; the profiles are in benchmarks/profiles/")
     out = results_path(args.out, profile)
+    label = profile.name if profile else ""  # the plot's title names the profile its runs applied
     if args.plot_only:
         rows = parse_rows(out.read_text()) if out.exists() else []
         if not rows:
             raise SystemExit(f"--plot-only: no run rows in {out}; run the benchmark first")
-        plot(rows, out.with_suffix(".png"), profile=profile.name if profile else "")
+        plot(rows, out.with_suffix(".png"), profile=label)
         print(f"wrote {out.with_suffix('.png')} from {len(rows)} runs")
         return
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -258,7 +259,7 @@ def main() -> None:
     text = append_row(out.read_text() if out.exists() else "", row, provenance("repro_time.py", None, started, commit=rev), args.interval)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    plot(parse_rows(text), out.with_suffix(".png"), profile=profile.name if profile else "")
+    plot(parse_rows(text), out.with_suffix(".png"), profile=label)
     print("\n".join(HEADER + [row]))
     if proc.returncode:
         raise SystemExit(f"make repro failed (exit {proc.returncode})")

@@ -19,7 +19,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from provenance import provenance  # noqa: E402
+from repro_time import STAGE_RE  # noqa: E402
+
+from pipeline.boundary import read_stages  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "diffusers", "peft", "transformers", "torch._dynamo", "torchvision", "torch_fidelity", "opacus", "sklearn",
@@ -27,14 +31,9 @@ HEAVY = ("torch", "diffusers", "peft", "transformers", "torch._dynamo", "torchvi
 
 
 def stage_modules() -> list[str]:
-    """The stage modules dvc.yaml runs (`python -m stages.<name>`), in file order, without duplicates."""
-    import re
-
-    seen: list[str] = []
-    for name in re.findall(r"python -m stages\.(\w+)", (ROOT / "dvc.yaml").read_text()):
-        if name not in seen:
-            seen.append(name)
-    return seen
+    """The stage modules dvc.yaml's stages run (`python -m stages.<name>` in each cmd), in file order, without duplicates."""
+    found = (STAGE_RE.search(st["cmd"]) for st in read_stages(ROOT).values())
+    return list(dict.fromkeys(m.group(1) for m in found if m))
 
 
 def one_import(stage: str) -> tuple[float, list[str]]:
