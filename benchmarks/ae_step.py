@@ -19,7 +19,7 @@ from dpldm.config import load_all, with_overrides
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_step import ae_step_fn, alternated, profile_rows, ratio_rows  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,9 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         lines += ["", f"`torch.profiler`, {args.profile_steps} steps at batch {ae_cfg.batch_size} (oneDNN on, as the stage "
                   "runs): the operators with the most self CPU time.", ""]
         lines += profile_rows(ae_step_fn(ae_cfg, ae_cfg.batch_size, **shape), args.profile_steps)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, lines)
 
 
 if __name__ == "__main__":

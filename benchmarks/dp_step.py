@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from provenance import provenance
+from provenance import provenance, write_table
 
 CONFIGS = [(label, {"finetune.mode": mode, "finetune.private": private, "finetune.noise_multiplicity": k})
            for k in (1, 4) for label, mode, private in
@@ -106,9 +106,7 @@ def main() -> None:
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {label} | {k} | {r['trainable']:,} | {r['s_per_step']:.2f} | {r['s_per_step'] / base[k]:.2f}x | {r['peak_rss_mib']:.0f} |"
               for label, k, r in rows]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, lines)
 
 
 AB = {
@@ -135,9 +133,7 @@ def ab(args) -> None:
              f"| {what} | s / logical step (each process) | mean | vs before |", "|---|---|---:|---:|"]
     lines += [f"| {label} | {', '.join(f'{t:.2f}' for t in ts)} | {statistics.mean(ts):.2f} | {statistics.mean(ts) / base:.2f}x |"
               for label, ts in times.items()]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, lines)
 
 
 if __name__ == "__main__":

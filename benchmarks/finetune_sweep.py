@@ -31,7 +31,7 @@ from stages.artifacts import load_ldm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_ldm_sweep import load_splits, overrides_label, parse_variant, write_rows  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_table  # noqa: E402
 
 PUBLIC_SOURCES = ("digits8x8", "fontdigits")  # bundled with scikit-learn / rendered from matplotlib's fonts
 
@@ -110,8 +110,7 @@ def main() -> None:
                      f"{r['batch_size']} x {r['steps']} | {h.mean():.4f} ({h.std():.4f}) | "
                      f"{np.mean([x['heldout_loss_null'] for x in rs]):.4f} | {np.mean([x['train_loss_last_epoch'] for x in rs]):.4f} | "
                      f"{np.mean([x['wall_s'] for x in rs]):.0f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(out.with_suffix(".md"), lines)
 
 
 if __name__ == "__main__":

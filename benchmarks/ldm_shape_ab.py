@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pretrain_ldm_sweep import overrides_label, parse_variant  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_table  # noqa: E402
 
 KINDS = ("pretrain step (s)", "DP step (s)", "sampling (s per 1k)")
 
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         ratios = [f"{statistics.mean(times[base][k]) / statistics.mean(t[k]):.2f}x" for k in KINDS]
         lines.append(f"| {name} | `{overrides_label(over)}` | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     lines += ["", f"Ratios: the mean time of `{base}` over the variant's (above 1: the variant is faster)."]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, lines)
 
 
 if __name__ == "__main__":

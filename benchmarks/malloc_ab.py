@@ -28,7 +28,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_table  # noqa: E402
 
 VARIANTS = {"kept for reuse (the stages' setting)": "keep", "glibc default": "default"}
 
@@ -109,9 +109,7 @@ def main() -> None:
         ratio = (sum(r["wall"] for r in runs[(stage, default)]) / sum(r["wall"] for r in runs[(stage, keep)]))
         diff = same[stage]
         lines.append(f"| {stage} | **{ratio:.2f}x** | {'yes' if not diff else 'no: ' + ', '.join(diff[:6])} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from dpldm.training import LDMPretraining, heldout_loss
 from stages.common import load_latents
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_table  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -107,8 +107,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['variant']} | `{r['overrides']}` | {r['steps']} x {r['batch_size']} | {r['heldout_loss']:.4f} | "
                      f"{r['heldout_loss_null']:.4f} | {r['label_gain']:.4f} | {r['s_per_step']:.2f} | {r['wall_s']:.0f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(out.with_suffix(".md"), lines)
 
 
 if __name__ == "__main__":

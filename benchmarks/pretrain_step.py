@@ -28,7 +28,7 @@ from dpldm.diffusion import eps_loss, make_scheduler
 from dpldm.models import build_autoencoder, build_ldm, latent_shape
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_table  # noqa: E402
 
 DAY_FIGURE_BATCH = 192  # the LDM batch of the day figure, fixed so that figures compare across days
 DAY_FIGURE_HEADS = 8    # its attention heads (ldm.attention_head_dim), fixed for the same reason
@@ -167,9 +167,7 @@ def main(argv: list[str] | None = None) -> None:
              "| stage | batch | s / step | steps (params.yaml) | one-off compile (s) | implied training time (min) |",
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {s} | {b} | {t:.2f} | {n} | {o:.0f} | {(o + t * n) / 60:.1f} |" for s, b, t, n, o in rows]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The first line of every benchmark table: the exact command, the commit and when and where it ran."""
+"""The first line of every benchmark table (the exact command, the commit and when and where it ran), and the
+writing of the table."""
 from __future__ import annotations
 
 import datetime
@@ -6,6 +7,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 
 def _head() -> str:
@@ -25,3 +27,12 @@ def provenance(script: str, argv: list[str] | None, started: datetime.datetime, 
         commit = STARTED_AT
     cmd = shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
     return f"`{cmd}`, commit {commit or 'unknown'}, started {started:%Y-%m-%d %H:%M} UTC, {platform.machine()}, {sys.platform}."
+
+
+def write_table(path, lines: list[str], *, echo: list[str] | None = None) -> None:
+    """Writes a benchmark's Markdown ``lines`` to ``path`` (its folder made if missing) and prints ``echo`` (default:
+    all of them)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines if echo is None else echo))

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_table  # noqa: E402
 
 
 def main() -> None:
@@ -54,9 +54,7 @@ def main() -> None:
     lines += ["", "Mean seconds: " + ", ".join(f"{w} process(es) {mean[w]:.1f} (speed-up over {first}: {mean[first] / mean[w]:.2f}x)"
                                                 for w in args.workers) + ".",
               f"Every run gave the same bytes: {'yes' if same else 'NO'}."]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-3:]))
+    write_table(args.out, lines, echo=lines[-3:])
     if not same:
         raise SystemExit("the rendered digits differ between runs")
 

@@ -27,7 +27,7 @@ from dpldm.models import build_autoencoder, build_ldm, latent_shape
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_step import alternated, profile_rows, ratio_rows  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_table  # noqa: E402
 
 
 def tanh_gelu(ldm) -> None:
@@ -113,9 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         lines += ["", f"`torch.profiler`, {args.profile_forwards} forwards at batch {s.batch_size} (as the stage runs): "
                   "the operators with the most self CPU time.", ""]
         lines += profile_rows(forward_fn(ldm, s.batch_size, latent=lat, num_classes=ldm_cfg.num_classes), args.profile_forwards)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from stages.common import load_model_files, read_images, read_params  # noqa: E4
 from dpldm.sampling import generate, null_class_trained  # noqa: E402
 from stages.artifacts import load_autoencoder, load_ldm  # noqa: E402
 from coverage import stratified  # noqa: E402
+from provenance import write_table  # noqa: E402
 
 DEFAULT_SETTINGS = ["eta=1,steps=25,w=0", "eta=0,steps=25,w=0", "eta=0.5,steps=25,w=0",
                     "eta=1,steps=25,w=1", "eta=0,steps=25,w=1", "eta=0,steps=25,w=2"]
@@ -166,9 +167,7 @@ def main() -> None:
              "| CNN trained on samples, acc. on the train split | s per 1k samples |",
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {t} | {c:.3f} | {f:.1f} | {k:.4f} | {a:.3f} | {s:.1f} |" for t, c, f, k, a, s in rows]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, lines)
 
 
 class PublicJudge:
@@ -272,9 +271,7 @@ def public_sweep(args) -> None:
              f"train split (test accuracy {judge.test_accuracy:.3f}); FID, precision and recall of {judge.per_test} samples "
              f"per class against its {judge.per_test * judge.k}-image held-out test split; the TSTR CNN tested on that "
              "split. No private or proxy data read.", "", *public_header(("setting",)), *public_table(rows)]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_table  # noqa: E402
 
 
 def main() -> None:
@@ -66,9 +66,7 @@ def main() -> None:
         t = {lim: np.mean([s for _, k, li, s, _, _ in rows if k == kind and li == lim]) for lim in (1, 2)}
         lines.append("")
         lines.append(f"{kind}: mean {t[2]:.1f} s at 2 BLAS threads, {t[1]:.1f} s at 1 ({t[2] / t[1]:.2f}x).")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-4:]))
+    write_table(args.out, lines, echo=lines[-4:])
 
 
 if __name__ == "__main__":

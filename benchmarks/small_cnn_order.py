@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_table  # noqa: E402
 
 
 def main() -> None:
@@ -81,8 +81,7 @@ def main() -> None:
              *(f"| {k} | {', '.join(f'{s:.1f}' for s in v)} | {sum(v) / len(v):.1f} |" for k, v in seconds.items()), "",
              f"Ratio textbook / library: **{text / lib:.2f}x**. Per-epoch losses and validation accuracies identical: "
              f"**{'yes' if same else 'NO'}** (last epoch: {history[next(iter(history))][-1]})."]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, lines)
     if not same:
         raise SystemExit("the two orders trained differently: they should compute the same function")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_table  # noqa: E402
 from repro_time import STAGE_RE  # noqa: E402
 
 from pipeline.boundary import read_stages  # noqa: E402
@@ -71,9 +71,7 @@ def main(argv: list[str] | None = None) -> None:
              "| stage module | first round (s) | median of the rest (s) | heavy libraries it loads |", "|---|---:|---:|---|"]
     lines += [f"| `stages.{s}` | {first:.2f} | {med:.2f} | {', '.join(mods) or '-'} |" for s, first, med, mods in rows]
     lines += ["", f"Sum over the {len(rows)} stages (median of the rest): {sum(m for _, _, m, _ in rows):.1f} s"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, lines)
 
 
 if __name__ == "__main__":

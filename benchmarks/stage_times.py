@@ -15,6 +15,9 @@ from pathlib import Path
 import psutil
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import write_table  # noqa: E402
+
 
 def tree_rss(proc: psutil.Process) -> int:
     total = 0
@@ -51,9 +54,7 @@ def main() -> None:
              "| stage | wall time (s) | peak memory (MiB) |", "|---|---:|---:|"]
     lines += [f"| {s} | {t:.0f} | {m:.0f} |" for s, t, m in rows]
     lines.append(f"| **total** | **{total:.0f}** ({total / 60:.1f} min) | |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, lines)
 
 
 if __name__ == "__main__":
