@@ -60,11 +60,14 @@ def run_variant(params: dict, overrides: dict, ldm_dir: str, z, y, zt, yt, seed:
     ft.finish()
     null = torch.full_like(yt, ldm_cfg.num_classes)
     true_loss = heldout_loss(model, zt, yt, cfg=ldm_cfg)
+    T = ldm_cfg.num_train_timesteps
+    quarters = {f"heldout_loss_t{q}": heldout_loss(model, zt, yt, cfg=ldm_cfg, t_range=(q * T // 4, (q + 1) * T // 4))
+                for q in range(4)}  # the same loss with t in each quarter of [0, T): where a variant gains or loses
     return {"private": plan is not None, "epsilon": eps if eps is not None else float("inf"),
             "noise_multiplier": plan.noise_multiplier if plan else 0.0, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "epochs": ft.epochs, "steps": ft.steps, "K": cfg.noise_multiplicity,
             "train_loss_last_epoch": float(np.mean(last)) if last else float("nan"), "heldout_loss": true_loss,
-            "heldout_loss_null": heldout_loss(model, zt, null, cfg=ldm_cfg), "wall_s": wall}
+            "heldout_loss_null": heldout_loss(model, zt, null, cfg=ldm_cfg), **quarters, "wall_s": wall}
 
 
 def main() -> None:
@@ -101,14 +104,15 @@ def main() -> None:
              f"threads, seeded DP noise (not releases), {args.repeats} run(s) per variant. That day's "
              f"`benchmarks/pretrain_step.py`: {args.step_figure or 'not given'}.", "",
              "| variant | overrides | epsilon | sigma | batch x steps | held-out loss (EMA), mean (std) | with the null class | "
-             "train loss, last epoch | wall (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "train loss, last epoch | held-out loss by quarter of [0, T) (t low to high) | wall (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for name, rs in df.items():
         h = np.array([r["heldout_loss"] for r in rs])
         r = rs[0]
         lines.append(f"| {name} | `{r['overrides']}` | {r['epsilon']:.2f} | {r['noise_multiplier']:.3f} | "
                      f"{r['batch_size']} x {r['steps']} | {h.mean():.4f} ({h.std():.4f}) | "
                      f"{np.mean([x['heldout_loss_null'] for x in rs]):.4f} | {np.mean([x['train_loss_last_epoch'] for x in rs]):.4f} | "
+                     f"{' / '.join(format(np.mean([x['heldout_loss_t' + str(q)] for x in rs]), '.4f') for q in range(4))} | "
                      f"{np.mean([x['wall_s'] for x in rs]):.0f} |")
     write_table(out.with_suffix(".md"), lines)
 

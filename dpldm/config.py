@@ -284,6 +284,7 @@ class FinetuneConfig:
     cosine_decay: bool  # lr decays along a cosine to 0 over the run's logical steps (no warm-up); false: constant
     noise_multiplicity: int  # K (DPDM)
     stratified_t: bool  # each example's K timesteps one per stratum of [0, T) (dpldm.diffusion.draw_timesteps)
+    t_range: tuple[int, int]  # the DP fine-tuning's timesteps are drawn from [lo, hi) (default: all of [0, T))
     ema_decay: float
     # Seeded DP noise and Poisson sampling, for tests and debugging only: every output says "not a DP release".
     reproducible_noise: bool
@@ -299,6 +300,8 @@ class FinetuneConfig:
         check(self.clip_norm > 0, "finetune.clip_norm", self.clip_norm, "a number > 0")
         check(self.lr > 0, "finetune.lr", self.lr, "a number > 0")
         check(self.noise_multiplicity >= 1, "finetune.noise_multiplicity", self.noise_multiplicity, "an integer K >= 1")
+        lo, hi = self.t_range
+        check(0 <= lo < hi, "finetune.t_range", list(self.t_range), "[lo, hi] with 0 <= lo < hi <= ldm.num_train_timesteps")
         check(0 <= self.ema_decay < 1, "finetune.ema_decay", self.ema_decay, "a number in [0, 1)")
 
 

@@ -44,18 +44,22 @@ def q_sample(scheduler: DDPMScheduler, z0: torch.Tensor, noise: torch.Tensor, t:
 
 
 def draw_timesteps(b: int, k: int, *, num_train_timesteps: int, generator: torch.Generator | None = None,
-                   stratified: bool = False) -> torch.Tensor:
+                   stratified: bool = False, t_range: tuple[int, int] | None = None) -> torch.Tensor:
     """Timesteps for B*K example-major rows, on the CPU. Uniform: each row's t uniform on {0, ..., T-1},
     independently. Stratified: example i's K rows take t_ij = floor((j + u_ij) T / K), j = 0..K-1, u_ij
     uniform on [0, 1) and independent: one t in each of K equal strata, uniform within it. The mean over an
     example's K rows then estimates the mean over t without bias and with less variance (stratified
     sampling: for a loss linear in t, 1/K^2 of the uniform draws' variance). With K = 1 both are uniform,
-    through different draws."""
+    through different draws. ``t_range`` = (lo, hi): the same over {lo, ..., hi - 1} instead of [0, T) (data-independent;
+    the default is all of [0, T))."""
+    lo, hi = t_range if t_range is not None else (0, num_train_timesteps)
+    if not 0 <= lo < hi <= num_train_timesteps:
+        raise ValueError(f"t_range {[lo, hi]} must satisfy 0 <= lo < hi <= T = {num_train_timesteps}")
     if not stratified:
-        return torch.randint(0, num_train_timesteps, (b * k,), generator=generator, device="cpu")
+        return torch.randint(lo, hi, (b * k,), generator=generator, device="cpu")
     u = torch.rand(b, k, generator=generator, device="cpu", dtype=torch.float64)
     strata = torch.arange(k, dtype=torch.float64).view(1, k)
-    return ((strata + u) * (num_train_timesteps / k)).floor().long().clamp_(max=num_train_timesteps - 1).flatten()
+    return (lo + ((strata + u) * ((hi - lo) / k)).floor().long()).clamp_(max=hi - 1).flatten()
 
 
 def eps_loss(
@@ -68,18 +72,20 @@ def eps_loss(
     k: int = 1,
     snr_gamma: float = 0.0,
     stratified: bool = False,
+    t_range: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Per-example epsilon-prediction loss [B], each averaged over K (t, eps) draws.
 
     ``snr_gamma`` > 0 weights each row by min(SNR(t), gamma) / SNR(t) (Min-SNR-gamma for epsilon
     prediction): the low-noise steps, which only polish detail, count less. The weight is per row,
     before the mean over K. ``stratified``: each example's K timesteps come one from each of K equal strata
-    of [0, T) (``draw_timesteps``). The model sees B*K example-major rows. ``loss.mean()`` over the result equals the mean over all
-    rows, which is what opacus expects (loss_reduction="mean")."""
+    of [0, T) (``draw_timesteps``); ``t_range`` = (lo, hi) draws them from [lo, hi) instead. The model sees B*K
+    example-major rows. ``loss.mean()`` over the result equals the mean over all rows, which is what opacus expects
+    (loss_reduction="mean")."""
     b = z0.shape[0]
     z0, y = expand_rows(z0, y, k=k)  # [B*K, ...]
     t = draw_timesteps(b, k, num_train_timesteps=scheduler.config.num_train_timesteps, generator=generator,
-                       stratified=stratified).to(z0.device)
+                       stratified=stratified, t_range=t_range).to(z0.device)
     noise = torch.randn(z0.shape, generator=generator, device="cpu").to(z0.device)
     pred = model(q_sample(scheduler, z0, noise, t), t, y)
     per_row = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)  # [B*K]

@@ -18,7 +18,7 @@ import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.utils.data import DataLoader, TensorDataset
 
-from .config import FinetuneConfig, LDMConfig, to_dict
+from .config import FinetuneConfig, LDMConfig, check, to_dict
 from .diffusion import eps_loss, make_scheduler
 from .ledger import SEEDED_NOISE, SECRET_NOISE, Ledger, release_of
 from .models import ConditionalUNet, merge_lora
@@ -66,6 +66,8 @@ class Finetuning:
         self.model, self.selection, self.plan, self.cfg = model, selection, plan, cfg
         self.device = device
         self.scheduler = make_scheduler(ldm_cfg)
+        check(cfg.t_range[1] <= ldm_cfg.num_train_timesteps, "finetune.t_range", list(cfg.t_range),
+              f"[lo, hi] with hi <= ldm.num_train_timesteps ({ldm_cfg.num_train_timesteps})")
         model.to(device)
         params = list(selection.params)
         self.ema = make_ema(params, cfg.ema_decay)  # before opacus wraps the model (no hooks on the copy)
@@ -96,7 +98,7 @@ class Finetuning:
 
     def loss(self, zb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return eps_loss(self.net, zb.to(self.device), yb.to(self.device), scheduler=self.scheduler, generator=self.g_loss,
-                        k=self.cfg.noise_multiplicity, stratified=self.cfg.stratified_t).mean()
+                        k=self.cfg.noise_multiplicity, stratified=self.cfg.stratified_t, t_range=self.cfg.t_range).mean()
 
     def run_epoch(self, on_step: Callable[[], None] = lambda: None) -> list[float]:
         """One epoch; ``on_step`` after every logical (optimizer) step. Returns the per-batch losses."""

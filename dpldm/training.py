@@ -83,10 +83,10 @@ class LDMPretraining:
 
 @torch.no_grad()
 def heldout_loss(model: ConditionalUNet, z: torch.Tensor, y: torch.Tensor, *, cfg: LDMConfig, seed: int = 1234,
-                 batch_size: int = 500, device: torch.device | str = "cpu") -> float:
-    """Mean eps-loss over (z, y) at fixed (t, noise) draws; NaN for an empty set."""
+                 batch_size: int = 500, device: torch.device | str = "cpu", t_range: tuple[int, int] | None = None) -> float:
+    """Mean eps-loss over (z, y) at fixed (t, noise) draws (t uniform on [0, T), or on ``t_range``); NaN for an empty set."""
     if not len(z):
         return float("nan")
     scheduler, g = make_scheduler(cfg), torch.Generator().manual_seed(seed)
     return float(torch.cat([eps_loss(model, z[i:i + batch_size].to(device), y[i:i + batch_size].to(device), scheduler=scheduler,
-                                     generator=g) for i in range(0, len(z), batch_size)]).mean())
+                                     generator=g, t_range=t_range) for i in range(0, len(z), batch_size)]).mean())

@@ -21,6 +21,8 @@ def test_dvc_string_float_is_accepted():
     ("finetune", "epsilon", "ten", "finetune.epsilon"),
     ("finetune", "layers", [3, 2], "finetune.layers"),
     ("finetune", "noise_multiplicity", 0, "finetune.noise_multiplicity"),
+    ("finetune", "t_range", [500, 100], "finetune.t_range"),
+    ("finetune", "t_range", [-1, 100], "finetune.t_range"),
     ("finetune", "mode", "attn", "finetune.mode"),
     ("finetune", "epsilonn", 1.0, "finetune.epsilonn"),
     ("ldm", "block_out_channels", [30, 64], "ldm.block_out_channels"),

@@ -229,3 +229,30 @@ def test_eps_loss_uses_stratified_timesteps_per_example():
     strat, plain = (x.view(50, 2) for x in seen)
     assert bool((strat[:, 0] < 500).all() and (strat[:, 1] >= 500).all())
     assert not bool((plain[:, 0] < 500).all() and (plain[:, 1] >= 500).all())
+
+
+def test_timesteps_stay_in_t_range_and_cover_it():
+    g = torch.Generator().manual_seed(3)
+    for stratified in (False, True):
+        t = draw_timesteps(30000, 2, num_train_timesteps=1000, generator=g, stratified=stratified, t_range=(200, 800))
+        assert int(t.min()) == 200 and int(t.max()) == 799  # every end reached, nothing outside [lo, hi)
+        assert torch.bincount(t - 200, minlength=600).min() > 0
+        if stratified:  # one row of each example in each half of [200, 800)
+            rows = t.view(30000, 2)
+            assert bool((rows[:, 0] < 500).all() and (rows[:, 1] >= 500).all())
+    # the default range is all of [0, T): the same draws as no range at all
+    a = draw_timesteps(100, 2, num_train_timesteps=1000, generator=torch.Generator().manual_seed(4), stratified=True)
+    b = draw_timesteps(100, 2, num_train_timesteps=1000, generator=torch.Generator().manual_seed(4), stratified=True,
+                       t_range=(0, 1000))
+    assert torch.equal(a, b)
+    for bad in [(500, 500), (-1, 10), (0, 1001)]:
+        with pytest.raises(ValueError, match="t_range"):
+            draw_timesteps(4, 1, num_train_timesteps=1000, t_range=bad)
+
+
+def test_eps_loss_draws_its_timesteps_from_t_range():
+    s = make_scheduler(cfg("ldm"))
+    seen, model = recording_model()
+    eps_loss(model, torch.randn(64, 2, 2, 2), torch.arange(64) % 10, scheduler=s, generator=torch.Generator().manual_seed(5),
+             k=2, stratified=True, t_range=(100, 300))
+    assert int(seen[0].min()) >= 100 and int(seen[0].max()) < 300

@@ -308,3 +308,27 @@ def test_dp_learning_rate_follows_its_schedule_over_the_plans_logical_steps(cosi
     want = [1e-3 * (0.5 * (1 + math.cos(math.pi * s / total))) if cosine else 1e-3 for s in range(total)]
     assert used == pytest.approx(want, rel=1e-9)
     assert ("lr_sched" in ft.state_dict()) and ((ft.state_dict()["lr_sched"] is not None) == cosine)
+
+
+def test_dp_finetuning_draws_timesteps_from_its_t_range_only(monkeypatch):
+    """finetune.t_range: the DP loss sees timesteps in [lo, hi) only; hi above ldm.num_train_timesteps names the key."""
+    import dpldm.diffusion as diffusion
+    from dpldm.config import ConfigError
+    from dpldm.finetune import Finetuning, plan_finetune
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    n = 40
+    c = cfg("finetune", layers=(1, 7), epochs=1, batch_size=10, physical_batch_size=10, delta=1e-3, noise_multiplicity=2,
+            t_range=(100, 300), reproducible_noise=True)
+    sel, plan = plan_finetune(model, c, n=n)
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(n, 4, 4, 4, generator=g), torch.randint(0, 10, (n,), generator=g)
+    seen, draw = [], diffusion.draw_timesteps
+    monkeypatch.setattr(diffusion, "draw_timesteps", lambda *a, **kw: seen.append(draw(*a, **kw)) or seen[-1])
+    ft = Finetuning(model, sel, plan, c, CFG, z=z, y=y, seed=0)
+    ft.run_epoch()
+    t = torch.cat(seen)
+    assert len(seen) >= 1 and int(t.min()) >= 100 and int(t.max()) < 300
+    with pytest.raises(ConfigError, match="finetune.t_range"):
+        Finetuning(tiny_model(), sel, plan, cfg("finetune", t_range=(0, CFG.num_train_timesteps + 1)), CFG, z=z, y=y, seed=0)
