@@ -6,6 +6,9 @@ augmentation. The rest of the comparison is the stages' own CLIs and ``finetune_
 space, so that held-out losses compare), pretrain the LDM on it, DP fine-tune on the proxy.
 
     python benchmarks/public_render_variants.py --variant pen --out DIR   # DIR/images.parquet, manifest.json, grid.png
+    python benchmarks/public_render_variants.py --variant pen --out DIR --count 5000 --seed 7 --imagefolder build/proxy_pen
+        # also every image as build/proxy_pen/<digit>/<n>.png: a handwriting-like public proxy for the private set
+        # (data.private.source: imagefolder; benchmarks/profiles/public_proxy_pen.yaml)
 
 Variants (the default draws are those of ``dpldm.data._draw_digit``: stroke 0-2 px, elastic alpha U(0, 30)):
   ``default``  unchanged (a check: the same bytes as ``prepare_public``);
@@ -108,20 +111,46 @@ def apply_variant(name: str) -> None:
         data.elastic_distort = with_pen(data.elastic_distort)
 
 
+def export_imagefolder(images: np.ndarray, labels: np.ndarray, class_names: list[str], folder: Path) -> int:
+    """Every image (uint8 [N, H, W, C], C = 1 or 3) as ``folder/<class name>/<n>.png``, the layout ``data.*.source:
+    imagefolder`` reads. Returns the number written."""
+    from PIL import Image
+
+    for name in class_names:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    for n, (img, label) in enumerate(zip(images, labels, strict=True)):
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / class_names[int(label)] / f"{n:05d}.png")
+    return len(labels)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", choices=VARIANTS, required=True)
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--out", required=True, help="folder for images.parquet, manifest.json, grid.png, live/")
+    ap.add_argument("--count", type=int, default=0, help="digits to render (default: data.public.count)")
+    ap.add_argument("--seed", type=int, default=None, help="render seed (default: runtime.seeds.prepare_public); another seed "
+                    "gives other draws of font, distortion and pen")
+    ap.add_argument("--imagefolder", default="", help="also write every image as IMAGEFOLDER/<digit>/<n>.png")
     args = ap.parse_args()
     params = yaml.safe_load(Path(args.params).read_text())
     params["runtime"]["threads"] = 1  # one process: the patch below lives in this one
+    if args.count:
+        params["data"]["public"]["count"] = args.count
+        params["data"]["public"]["n_test"] = max(1, args.count // 10)
+    if args.seed is not None:
+        params["runtime"]["seeds"]["prepare_public"] = args.seed
     apply_variant(args.variant)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = run_prepare(params, {"data": str(out / "images.parquet"), "manifest": str(out / "manifest.json"),
                                    "grid": str(out / "grid.png"), "live": str(out / "live")}, which="public")
     print(args.variant, metrics)
+    if args.imagefolder:
+        from stages.common import read_images
+
+        x, y, meta = read_images(out / "images.parquet")
+        print(f"wrote {export_imagefolder(x, y, meta['class_names'], Path(args.imagefolder))} images under {args.imagefolder}")
 
 
 if __name__ == "__main__":

@@ -46,3 +46,16 @@ def test_variants_patch_the_renderer_and_change_the_digits(monkeypatch):
     assert not np.array_equal(pen, default)
     alpha = prv.PenAlpha(3.0, 2.5) * 64 / 28  # the pen radius survives _render_digits' scaling of alpha
     assert alpha.pen == 2.5 and abs(float(alpha) - 3.0 * 64 / 28) < 1e-12
+
+
+def test_export_imagefolder_round_trips_through_the_imagefolder_source(tmp_path):
+    from helpers import dataset
+
+    x, y = data.render_font_digits(count=20, seed=3)
+    x = data.to_resolution(x, size=32, channels=1)
+    names = [str(i) for i in range(10)]
+    assert prv.export_imagefolder(x, y, names, tmp_path) == 20
+    back, back_y, back_names = data._imagefolder(dataset(source="imagefolder", root=str(tmp_path), channels=1, image_size=32))
+    assert back_names == names
+    order = np.lexsort((np.arange(20), y))  # the reader goes class by class, files in name order
+    assert np.array_equal(back, x[order]) and np.array_equal(back_y, y[order])
