@@ -7,8 +7,8 @@ space, so that held-out losses compare), pretrain the LDM on it, DP fine-tune on
 
     python benchmarks/public_render_variants.py --variant pen --out DIR   # DIR/images.parquet, manifest.json, grid.png
     python benchmarks/public_render_variants.py --variant pen --out DIR --count 5000 --seed 7 --imagefolder build/proxy_pen
-        # also every image as build/proxy_pen/<digit>/<n>.png: a handwriting-like public proxy for the private set
-        # (data.private.source: imagefolder; benchmarks/profiles/public_proxy_pen.yaml)
+        # also every image as build/proxy_pen/<digit>/<n>.png, the layout of data.*.source: imagefolder
+        # (benchmarks/profiles/public_proxy_pen.yaml: tried as a proxy for the private set, too easy to judge choices)
 
 Variants (the default draws are those of ``dpldm.data._draw_digit``: stroke 0-2 px, elastic alpha U(0, 30)):
   ``default``  unchanged (a check: the same bytes as ``prepare_public``);
