@@ -128,7 +128,8 @@ def main() -> None:
     ap.add_argument("--variant", choices=VARIANTS, required=True)
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--out", required=True, help="folder for images.parquet, manifest.json, grid.png, live/")
-    ap.add_argument("--count", type=int, default=0, help="digits to render (default: data.public.count)")
+    ap.add_argument("--count", type=int, default=0, help="digits to render (default: data.public.count); the Parquet's "
+                    "held-out split is then a tenth of them (data.public.n_test); --imagefolder writes every digit")
     ap.add_argument("--seed", type=int, default=None, help="render seed (default: runtime.seeds.prepare_public); another seed "
                     "gives other draws of font, distortion and pen")
     ap.add_argument("--imagefolder", default="", help="also write every image as IMAGEFOLDER/<digit>/<n>.png")
