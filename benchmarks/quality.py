@@ -77,16 +77,17 @@ def nonprivate_name(overrides: dict) -> str:
 
 
 def settings(epsilons: list[float], runs: int, common: dict, nonprivate: dict | None = None,
-             nonprivate_runs: int = 1) -> list[tuple[str, str, dict]]:
+             nonprivate_runs: int = 1, first_run: int = 1) -> list[tuple[str, str, dict]]:
     """[(experiment name, row, params)]: public-only, the DP runs, then the non-private runs (last: they void the
     total) with their own schedule ``nonprivate`` on top of ``common``. Non-private fine-tuning has no DP noise and is
     seeded: its run r > 1 is ``NAME-run<r>`` with ``runtime.seeds.dp_finetune`` r - 1 above run 1's (so that the
-    runs differ and DVC runs each one); run 1 keeps the name and seed it always had."""
+    runs differ and DVC runs each one); run 1 keeps the name and seed it always had. The DP runs are numbered
+    ``first_run`` .. ``first_run + runs - 1`` (more runs for a row measured before, each with its own name and seed)."""
     nonprivate = {} if nonprivate is None else nonprivate
     seed = common.get("runtime.seeds.dp_finetune", 0)
     out = [("q-public-only", "public-only", {**common, "finetune.mode": "none"})]
     for eps in epsilons:
-        for r in range(1, runs + 1):
+        for r in range(first_run, first_run + runs):
             name = f"q-eps{eps:g}-run{r}".replace(".", "p")
             out.append((name, f"epsilon {eps:g}", {**common, "finetune.epsilon": eps, "runtime.seeds.dp_finetune": r}))
     base, name = {**common, **nonprivate, "finetune.private": False}, nonprivate_name(nonprivate)
@@ -151,6 +152,8 @@ def aggregate(df: pd.DataFrame, row_of: dict, real: dict) -> pd.DataFrame:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3, help="independent DP runs per epsilon")
+    ap.add_argument("--first-run", type=int, default=1,
+                    help="number of the first DP run (e.g. 4 after a row of 3: runs 4, 5, 6, with their own names and seeds)")
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 10.0])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every setting")
     ap.add_argument("--nonprivate-set", nargs="*", default=None, metavar="KEY=VALUE",
@@ -168,12 +171,15 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.runs < 1:
         raise SystemExit(f"--runs {args.runs}: need at least one DP run per epsilon")
+    if args.first_run < 1:
+        raise SystemExit(f"--first-run {args.first_run}: DP runs are numbered from 1")
     if args.nonprivate_runs < 1:
         raise SystemExit(f"--nonprivate-runs {args.nonprivate_runs}: need at least one non-private run")
     common = parse_assignments(",".join(args.set)) if args.set else {}
     nonprivate = NONPRIVATE if args.nonprivate_set is None else check_nonprivate(
         parse_assignments(",".join(args.nonprivate_set)) if args.nonprivate_set else {})
-    grid = only_rows(settings(args.epsilons, args.runs, common, nonprivate, args.nonprivate_runs), args.rows)
+    grid = only_rows(settings(args.epsilons, args.runs, common, nonprivate, args.nonprivate_runs,
+                                    first_run=args.first_run), args.rows)
     started = datetime.datetime.now(datetime.timezone.utc)
     if args.rescore:
         pairs = rescored(grid, args.rescore, common)

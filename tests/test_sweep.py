@@ -111,6 +111,10 @@ def test_quality_table_gives_each_epsilon_independent_runs_and_averages_over_the
     assert [s["runtime.seeds.dp_finetune"] for _, _, s in nps] == [1, 2, 3]
     assert all(s["finetune.private"] is False and s["finetune.epochs"] == 40 for _, _, s in nps)
     assert q.settings([10.0], 1, {}, {}, 2)[-1][2]["runtime.seeds.dp_finetune"] == 1
+    # more DP runs for a row measured before: new names and seeds, none shared with runs 1..3
+    more = [(n, s) for n, row, s in q.settings([10.0], 3, {}, first_run=4) if row == "epsilon 10"]
+    assert [n for n, _ in more] == ["q-eps10-run4", "q-eps10-run5", "q-eps10-run6"]
+    assert not {s["runtime.seeds.dp_finetune"] for _, s in more} & {s["runtime.seeds.dp_finetune"] for s in eps10}
     base = {"experiment": "", "cnn_accuracy_std": 0.01, "mlp_accuracy": 0.5, "logreg_accuracy": 0.4, "fid_domain": 100.0}
     runs = [{**base, "experiment": n, "cnn_accuracy": a, "epsilon_spent": e, "label_consistency": c}
             for n, a, e, c in [("q-eps10-run1", 0.80, 9.99, 0.7), ("q-eps10-run2", 0.90, 9.99, 0.8), ("q-eps10-run3", "!", "!", "!"),
