@@ -19,6 +19,21 @@ def _head() -> str:
 STARTED_AT = _head()
 
 
+def cpu() -> str:
+    """The processor, as far as the OS says: its model name and widest x86 vector extension ("AMD EPYC, AVX2").
+    Timings and even trained weights depend on it (oneDNN and BLAS pick kernels, and so summation orders, by
+    instruction set), and the machine this project runs on is not always the same one."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "cpu unknown"
+    field = lambda key: next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                              if line.split(":", 1)[0].strip() == key), "")
+    flags = set(field("flags").split())
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags), "")
+    return ", ".join(x for x in (field("model name") or platform.processor(), isa) if x) or "cpu unknown"
+
+
 def provenance(script: str, argv: list[str] | None, started: datetime.datetime, commit: str | None = None) -> str:
     """```python benchmarks/<script> <argv>```, commit, start time (UTC) and machine, as one Markdown line.
     ``argv`` None means this process's own arguments; ``commit`` None means the checkout's HEAD when this process
@@ -26,7 +41,7 @@ def provenance(script: str, argv: list[str] | None, started: datetime.datetime, 
     if commit is None:
         commit = STARTED_AT
     cmd = shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
-    return f"`{cmd}`, commit {commit or 'unknown'}, started {started:%Y-%m-%d %H:%M} UTC, {platform.machine()}, {sys.platform}."
+    return f"`{cmd}`, commit {commit or 'unknown'}, started {started:%Y-%m-%d %H:%M} UTC, {platform.machine()} ({cpu()}), {sys.platform}."
 
 
 def write_table(path, lines: list[str], *, echo: list[str] | None = None) -> None:

@@ -149,6 +149,25 @@ def aggregate(df: pd.DataFrame, row_of: dict, real: dict) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def pooled(paths: list[str]) -> pd.DataFrame:
+    """The DP rows of several tables' ``*_runs.csv`` (each as ``quality.py`` wrote it), per table and pooled over all of
+    them: one line per (epsilon, table), then one per epsilon over every table's runs. Runs keep their table's name
+    (``STEM:experiment``), so that run names repeated across tables stay separate runs."""
+    frames = []
+    for path in paths:
+        df = pd.read_csv(path)
+        df = df[df["epsilon_target"].map(_num).notna() & (df["private"].astype(str) == "True")].copy()
+        df["experiment"] = Path(path).name.removesuffix("_runs.csv") + ":" + df["experiment"].astype(str)
+        frames.append(df)
+    if not frames or all(f.empty for f in frames):
+        raise SystemExit(f"--pool {' '.join(paths)}: no DP runs in these files")
+    runs = pd.concat(frames, ignore_index=True)
+    eps = runs["epsilon_target"].map(_num)
+    per_table = {e: f"epsilon {eps[i]:g}, {e.split(':', 1)[0]}" for i, e in runs["experiment"].items()}
+    pooled_rows = {e: f"epsilon {eps[i]:g}, pooled ({len(paths)} tables)" for i, e in runs["experiment"].items()}
+    return pd.concat([aggregate(runs, per_table, {}), aggregate(runs, pooled_rows, {})], ignore_index=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3, help="independent DP runs per epsilon")
@@ -160,6 +179,8 @@ def main(argv=None) -> None:
                     help=f"the non-private row's own schedule (default: {NONPRIVATE}; give none for the DP defaults)")
     ap.add_argument("--nonprivate-runs", type=int, default=1,
                     help="runs of the non-private row (each with its own seed; the row reports their mean ± std)")
+    ap.add_argument("--pool", nargs="+", metavar="RUNS_CSV",
+                    help="no runs: tabulate the DP rows of these *_runs.csv files, each and pooled (more runs of a row)")
     ap.add_argument("--compare-only", action="store_true", help="skip the runs; rebuild the table from dvc exp")
     ap.add_argument("--rerun", action="store_true", help="replace experiments of the same name")
     ap.add_argument("--rescore", metavar="TAG", default="",
@@ -169,6 +190,15 @@ def main(argv=None) -> None:
     ap.add_argument("--step-figure", default="", help="that day's benchmarks/pretrain_step.py figure, for provenance")
     ap.add_argument("--out", default="benchmarks/results/quality")
     args = ap.parse_args(argv)
+    if args.pool:
+        started = datetime.datetime.now(datetime.timezone.utc)
+        table = pooled(args.pool)
+        head = [provenance("quality.py", argv, started), "CNN accuracy on the real private test split: mean ± std over "
+                "the DP runs of each run's mean over the CNN seeds, per table and pooled over the tables.", ""]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{args.out}.md").write_text("\n".join(head) + "\n" + table.to_markdown(index=False, disable_numparse=True) + "\n")
+        print("\n".join(head) + "\n" + table.to_markdown(index=False, disable_numparse=True))
+        return
     if args.runs < 1:
         raise SystemExit(f"--runs {args.runs}: need at least one DP run per epsilon")
     if args.first_run < 1:

@@ -146,6 +146,8 @@ def test_benchmark_tables_start_with_the_exact_command_and_commit():
     # the command can be pasted back into a shell as is: the argument with spaces stays one argument
     assert line.startswith("`python benchmarks/quality.py --runs 3 --set sample.steps=25,ldm.steps=2100 --step-figure 'LDM 0.62 s'`")
     assert f"commit {commit}," in line and "2026-11-24 08:05 UTC" in line
+    # and on which processor: timings and trained weights depend on its instruction set
+    assert f"({_benchmark('provenance').cpu()})" in line
     # a script that ran another commit (repro_time.py's clone, while HEAD moved on) names that one, not HEAD
     ran = _benchmark("provenance").provenance("repro_time.py", [], datetime.datetime(2026, 12, 3, 12, 49), commit="abc1234")
     assert "commit abc1234," in ran and f"commit {commit}," not in ran
@@ -528,3 +530,23 @@ def test_sample_step_alternates_its_variants_and_its_alternatives_really_change_
     assert len(rows) == 4 and rows["batch 4"][4].strip() == "1.00x"
     assert all(len(r[2].split(",")) == 2 for r in rows.values())  # one time per round
     assert "sampler **" in text and "AE decoder **" in text and "| `aten::" in text
+
+
+def test_quality_pool_tabulates_each_tables_dp_runs_and_all_of_them(tmp_path):
+    import pandas as pd
+
+    q = _benchmark("quality")
+    cols = dict(epsilon_spent=9.99, cnn_accuracy_std=0.01, mlp_accuracy=0.8, logreg_accuracy=0.7, fid_domain=50.0,
+                label_consistency=0.8)
+    a = pd.DataFrame([dict(experiment=f"q-eps10-run{r}", epsilon_target=10.0, private=True, cnn_accuracy=acc, **cols)
+                      for r, acc in ((1, 0.89), (2, 0.91))]
+                     + [dict(experiment="q-nonprivate", epsilon_target=10.0, private=False, cnn_accuracy=0.96, **cols)])
+    b = pd.DataFrame([dict(experiment="q-eps10-run1", epsilon_target=10.0, private=True, cnn_accuracy=0.93, **cols)])
+    a.to_csv(tmp_path / "first_runs.csv", index=False)
+    b.to_csv(tmp_path / "second_runs.csv", index=False)
+    table = q.pooled([str(tmp_path / "first_runs.csv"), str(tmp_path / "second_runs.csv")]).set_index("setting")
+    # the non-private run is not a DP run; run names repeated across tables stay separate runs
+    assert table.loc["epsilon 10, first", "CNN accuracy %"] == "90.0 ± 1.4"
+    assert table.loc["epsilon 10, second", "CNN accuracy %"] == "93.0"
+    assert table.loc["epsilon 10, pooled (2 tables)", "runs"] == "3"
+    assert table.loc["epsilon 10, pooled (2 tables)", "CNN accuracy %"] == "91.0 ± 2.0"
