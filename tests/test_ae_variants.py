@@ -41,3 +41,36 @@ def test_ae_variants_train_with_the_stage_and_are_judged_on_public_data(tmp_path
     assert json.loads((work / "more/ae_trained.json").read_text())["ae"]["epochs"] == epochs + 2
     assert not (work / "more/public.npz").exists() and not (work / "ldm_more").exists()
     assert not (repo / "data/private").exists() and not (repo / "models").exists()  # nothing private, no stage model
+
+
+def test_weights_hash_sees_every_tensor(tmp_path):
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from isa_repro import weights_sha256
+
+    state = {"state_dict": {"a.weight": torch.ones(3, 2), "b.bias": torch.zeros(4)}, "config": {"x": 1}}
+    torch.save(state, tmp_path / "one.pt")
+    torch.save({"config": {"x": 1}, "state_dict": {"b.bias": torch.zeros(4), "a.weight": torch.ones(3, 2)}}, tmp_path / "two.pt")
+    assert weights_sha256(tmp_path / "one.pt") == weights_sha256(tmp_path / "two.pt")  # same tensors, any key order
+    state["state_dict"]["b.bias"][2] = torch.finfo(torch.float32).tiny  # one value, by the smallest normal float
+    torch.save(state, tmp_path / "three.pt")
+    assert weights_sha256(tmp_path / "three.pt") != weights_sha256(tmp_path / "one.pt")
+
+
+@pytest.mark.slow
+def test_isa_repro_trains_the_ae_with_its_stage_and_a_rerun_is_bit_identical(tmp_path):
+    repo = tiny_repo(tmp_path / "repo")
+    run([str(Path(sys.executable).parent / "dvc"), "repro", "prepare_public"], repo)  # only the public images
+    run([sys.executable, str(ROOT / "benchmarks/isa_repro.py"), "--settings", "native", "avx2", "--repeats", "2",
+         "--out", str(tmp_path / "isa.md")], repo)
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in (tmp_path / "isa.md").read_text().splitlines()
+            if ln.startswith("| native") or ln.startswith("| avx2")]
+    assert [(r[0], r[2]) for r in rows] == [("native", "1"), ("avx2", "1"), ("native", "2"), ("avx2", "2")]
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in rows[1][1] and rows[0][1] == "`(none)`"
+    by = {(r[0], r[2]): r for r in rows}
+    # the same processor settings in a fresh process: the same weights to the last bit
+    for s in ("native", "avx2"):
+        assert by[(s, "1")][3:6] == by[(s, "2")][3:6], (by[(s, "1")], by[(s, "2")])
+    assert float(by[("native", "1")][3]) > 0 and float(by[("native", "1")][4]) > 0
+    assert not (repo / "data/private").exists() and not (repo / "models").exists()  # public only, no stage model
