@@ -4,11 +4,12 @@ switches: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS). Eac
 path, and so its summation order, by instruction set; 876 AdamW steps amplify the last-bit differences.
 
     python benchmarks/isa_repro.py [--settings native avx2] [--repeats 1] [--work build/isa_repro] \\
-        [--params params.yaml] [--out benchmarks/results/isa_repro.md] [--step-figure "0.46 s/step (date)"]
+        [--ldm] [--params params.yaml] [--out benchmarks/results/isa_repro.md] [--step-figure "0.46 s/step (date)"]
 
 Run it in a workspace after ``dvc repro prepare_public`` (public data only). For each setting and repeat the table
 gives the stage's held-out public PSNR and latent scale factor (full precision), a SHA-256 of the trained weights
-(every tensor's bytes, in key order) and the wall seconds."""
+(every tensor's bytes, in key order) and the wall seconds; with ``--ldm`` also the public LDM's (encode_public's and
+pretrain_ldm's stages under the same setting): its held-out public loss and weights hash."""
 from __future__ import annotations
 
 import argparse
@@ -48,18 +49,29 @@ def weights_sha256(model_pt: Path) -> str:
     return h.hexdigest()
 
 
-def train(setting: str, folder: Path, public: str, params: str = "params.yaml") -> dict:
-    """pretrain_ae's stage in a fresh process under ``SETTINGS[setting]``: {psnr, scale, sha256, seconds}."""
+def train(setting: str, folder: Path, public: str, params: str = "params.yaml", *, ldm: bool = False) -> dict:
+    """pretrain_ae's stage in a fresh process under ``SETTINGS[setting]``: {psnr, scale, sha256, seconds}; with ``ldm``
+    also encode_public's and pretrain_ldm's stages under the same setting: {ldm_loss, ldm_sha256, ldm_seconds}."""
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DPLDM_PROGRESS": "0", **SETTINGS[setting]}
+    stage = lambda name, *args: subprocess.run([sys.executable, "-m", f"stages.{name}", "--params", params, *args],
+                                               check=True, env=env)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "stages.pretrain_ae", "--params", params, "--in", f"public={public}",
-                    "--out", f"model={folder / 'ae'}", "--out", f"grid={folder / 'reconstructions.png'}",
-                    "--out", f"live={folder / 'live'}"], check=True, env=env)
+    stage("pretrain_ae", "--in", f"public={public}", "--out", f"model={folder / 'ae'}",
+          "--out", f"grid={folder / 'reconstructions.png'}", "--out", f"live={folder / 'live'}")
     seconds = time.perf_counter() - t0
     m = json.loads((folder / "live" / "metrics.json").read_text())
-    return {"psnr": m["test_psnr_db"], "scale": m["latent_scale_factor"], "sha256": weights_sha256(folder / "ae" / "model.pt"),
-            "seconds": seconds}
+    out = {"psnr": m["test_psnr_db"], "scale": m["latent_scale_factor"], "sha256": weights_sha256(folder / "ae" / "model.pt"),
+           "seconds": seconds}
+    if ldm:
+        t0 = time.perf_counter()
+        stage("encode_public", "--in", f"images={public}", "--in", f"ae={folder / 'ae'}",
+              "--out", f"latents={folder / 'public.npz'}", "--out", f"live={folder / 'live_encode'}")
+        stage("pretrain_ldm", "--in", f"latents={folder / 'public.npz'}", "--out", f"model={folder / 'ldm'}",
+              "--state", f"checkpoint={folder / 'ldm_checkpoint'}", "--out", f"live={folder / 'live_ldm'}")
+        out.update(ldm_loss=json.loads((folder / "live_ldm" / "metrics.json").read_text())["test_loss_ema"],
+                   ldm_sha256=weights_sha256(folder / "ldm" / "model.pt"), ldm_seconds=time.perf_counter() - t0)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--work", default="build/isa_repro", help="the trained AEs (not in git)")
     ap.add_argument("--out", default="benchmarks/results/isa_repro.md")
+    ap.add_argument("--ldm", action="store_true",
+                    help="also encode the public set and pretrain the public LDM under each setting (its held-out loss)")
     ap.add_argument("--step-figure", default="", help="that day's benchmarks/pretrain_step.py figure")
     args = ap.parse_args(argv)
     if not Path(args.public_data).exists():
@@ -78,16 +92,18 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for r in range(1, args.repeats + 1):
         for s in args.settings:
-            res = train(s, Path(args.work) / f"{s}_{r}", args.public_data, args.params)
+            res = train(s, Path(args.work) / f"{s}_{r}", args.public_data, args.params, ldm=args.ldm)
             print(s, r, res, flush=True)
             rows.append((s, r, res))
     env = lambda s: " ".join(f"{k}={v}" for k, v in SETTINGS[s].items()) or "(none)"
     lines = [provenance("isa_repro.py", argv, started), "",
              f"pretrain_ae's stage at {args.params}'s `ae` section, {args.public_data}; that day's "
              f"benchmarks/pretrain_step.py: {args.step_figure or 'not given'}.", "",
-             "| setting | environment | run | held-out public PSNR (dB) | latent scale factor | weights SHA-256 (first 16) | s |",
-             "|---|---|---:|---:|---:|---|---:|"]
+             "| setting | environment | run | held-out public PSNR (dB) | latent scale factor | AE weights SHA-256 (first 16) | s |"
+             + (" LDM held-out public loss (EMA) | LDM weights SHA-256 (first 16) | encode + LDM s |" if args.ldm else ""),
+             "|---|---|---:|---:|---:|---|---:|" + ("---:|---|---:|" if args.ldm else "")]
     lines += [f"| {s} | `{env(s)}` | {r} | {res['psnr']:.12f} | {res['scale']:.12f} | `{res['sha256'][:16]}` | {res['seconds']:.0f} |"
+              + (f" {res['ldm_loss']:.12f} | `{res['ldm_sha256'][:16]}` | {res['ldm_seconds']:.0f} |" if args.ldm else "")
               for s, r, res in rows]
     write_table(args.out, lines)
 

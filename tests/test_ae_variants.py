@@ -59,18 +59,19 @@ def test_weights_hash_sees_every_tensor(tmp_path):
 
 
 @pytest.mark.slow
-def test_isa_repro_trains_the_ae_with_its_stage_and_a_rerun_is_bit_identical(tmp_path):
+def test_isa_repro_trains_the_public_models_with_their_stages_and_a_rerun_is_bit_identical(tmp_path):
     repo = tiny_repo(tmp_path / "repo")
     run([str(Path(sys.executable).parent / "dvc"), "repro", "prepare_public"], repo)  # only the public images
-    run([sys.executable, str(ROOT / "benchmarks/isa_repro.py"), "--settings", "native", "avx2", "--repeats", "2",
-         "--out", str(tmp_path / "isa.md")], repo)
-    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in (tmp_path / "isa.md").read_text().splitlines()
-            if ln.startswith("| native") or ln.startswith("| avx2")]
-    assert [(r[0], r[2]) for r in rows] == [("native", "1"), ("avx2", "1"), ("native", "2"), ("avx2", "2")]
-    assert "ONEDNN_MAX_CPU_ISA=AVX2" in rows[1][1] and rows[0][1] == "`(none)`"
-    by = {(r[0], r[2]): r for r in rows}
-    # the same processor settings in a fresh process: the same weights to the last bit
-    for s in ("native", "avx2"):
-        assert by[(s, "1")][3:6] == by[(s, "2")][3:6], (by[(s, "1")], by[(s, "2")])
-    assert float(by[("native", "1")][3]) > 0 and float(by[("native", "1")][4]) > 0
+    script = [sys.executable, str(ROOT / "benchmarks/isa_repro.py")]
+    run(script + ["--settings", "native", "--repeats", "2", "--ldm", "--out", str(tmp_path / "isa.md")], repo)
+    run(script + ["--settings", "avx2", "--work", "build/isa_avx2", "--out", str(tmp_path / "avx2.md")], repo)
+    table = lambda name: [[c.strip() for c in ln.split("|")[1:-1]] for ln in (tmp_path / name).read_text().splitlines()
+                          if ln.startswith("| native") or ln.startswith("| avx2")]
+    one, two = table("isa.md")
+    assert (one[0], one[2], two[2]) == ("native", "1", "2") and one[1] == "`(none)`"
+    # the same processor settings in a fresh process: the same AE and LDM to the last bit
+    assert one[3:6] + one[7:9] == two[3:6] + two[7:9], (one, two)  # PSNR, scale, AE hash; LDM loss and hash
+    assert float(one[3]) > 0 and float(one[4]) > 0 and float(one[7]) > 0
+    (avx2,) = table("avx2.md")
+    assert avx2[0] == "avx2" and "ONEDNN_MAX_CPU_ISA=AVX2" in avx2[1] and len(avx2) == 7  # no LDM columns without --ldm
     assert not (repo / "data/private").exists() and not (repo / "models").exists()  # public only, no stage model
