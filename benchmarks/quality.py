@@ -156,7 +156,8 @@ def pooled(paths: list[str]) -> pd.DataFrame:
     frames = []
     for path in paths:
         df = pd.read_csv(path)
-        df = df[df["epsilon_target"].map(_num).notna() & (df["private"].astype(str) == "True")].copy()
+        # DP releases only: not public-only, non-private or seeded-noise ("not a DP release") runs
+        df = df[df["epsilon_target"].map(_num).notna() & (df["dp_release"].astype(str) == "True")].copy()
         df["experiment"] = Path(path).name.removesuffix("_runs.csv") + ":" + df["experiment"].astype(str)
         frames.append(df)
     if not frames or all(f.empty for f in frames):

@@ -538,14 +538,15 @@ def test_quality_pool_tabulates_each_tables_dp_runs_and_all_of_them(tmp_path):
     q = _benchmark("quality")
     cols = dict(epsilon_spent=9.99, cnn_accuracy_std=0.01, mlp_accuracy=0.8, logreg_accuracy=0.7, fid_domain=50.0,
                 label_consistency=0.8)
-    a = pd.DataFrame([dict(experiment=f"q-eps10-run{r}", epsilon_target=10.0, private=True, cnn_accuracy=acc, **cols)
+    a = pd.DataFrame([dict(experiment=f"q-eps10-run{r}", epsilon_target=10.0, dp_release=True, cnn_accuracy=acc, **cols)
                       for r, acc in ((1, 0.89), (2, 0.91))]
-                     + [dict(experiment="q-nonprivate", epsilon_target=10.0, private=False, cnn_accuracy=0.96, **cols)])
-    b = pd.DataFrame([dict(experiment="q-eps10-run1", epsilon_target=10.0, private=True, cnn_accuracy=0.93, **cols)])
+                     + [dict(experiment="q-nonprivate", epsilon_target=10.0, dp_release=False, cnn_accuracy=0.96, **cols)])
+    b = pd.DataFrame([dict(experiment="q-eps10-run1", epsilon_target=10.0, dp_release=True, cnn_accuracy=0.93, **cols),
+                      dict(experiment="q-seeded", epsilon_target=10.0, dp_release=False, cnn_accuracy=0.99, **cols)])
     a.to_csv(tmp_path / "first_runs.csv", index=False)
     b.to_csv(tmp_path / "second_runs.csv", index=False)
     table = q.pooled([str(tmp_path / "first_runs.csv"), str(tmp_path / "second_runs.csv")]).set_index("setting")
-    # the non-private run is not a DP run; run names repeated across tables stay separate runs
+    # non-private and seeded-noise runs are not DP releases; run names repeated across tables stay separate runs
     assert table.loc["epsilon 10, first", "CNN accuracy %"] == "90.0 ± 1.4"
     assert table.loc["epsilon 10, second", "CNN accuracy %"] == "93.0"
     assert table.loc["epsilon 10, pooled (2 tables)", "runs"] == "3"
