@@ -1,7 +1,7 @@
 """Does a trained model depend on the processor? pretrain_ae's own stage, run in fresh processes on the same public
 set, natively and with PyTorch, oneDNN and MKL held to narrower x86 vector instruction sets (their documented
 switches: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS). Each kernel family picks its code
-path, and so its summation order, by instruction set; 876 AdamW steps amplify the last-bit differences.
+path, and so its summation order, by instruction set; 438 AdamW steps amplify the last-bit differences.
 
     python benchmarks/isa_repro.py [--settings native avx2] [--repeats 1] [--work build/isa_repro] \\
         [--ldm] [--params params.yaml] [--out benchmarks/results/isa_repro.md] [--step-figure "0.46 s/step (date)"]

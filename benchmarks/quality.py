@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.sweep import comparison, parse_assignments, rescore_sweep, run_sweep  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_table  # noqa: E402
 
 
 # The non-private row's own fine-tuning schedule. The DP defaults are sized for the noise (few steps, a short
@@ -196,9 +196,7 @@ def main(argv=None) -> None:
         table = pooled(args.pool)
         head = [provenance("quality.py", argv, started), "CNN accuracy on the real private test split: mean ± std over "
                 "the DP runs of each run's mean over the CNN seeds, per table and pooled over the tables.", ""]
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{args.out}.md").write_text("\n".join(head) + "\n" + table.to_markdown(index=False, disable_numparse=True) + "\n")
-        print("\n".join(head) + "\n" + table.to_markdown(index=False, disable_numparse=True))
+        write_table(f"{args.out}.md", head + table.to_markdown(index=False, disable_numparse=True).splitlines())
         return
     if args.runs < 1:
         raise SystemExit(f"--runs {args.runs}: need at least one DP run per epsilon")
@@ -209,8 +207,8 @@ def main(argv=None) -> None:
     common = parse_assignments(",".join(args.set)) if args.set else {}
     nonprivate = NONPRIVATE if args.nonprivate_set is None else check_nonprivate(
         parse_assignments(",".join(args.nonprivate_set)) if args.nonprivate_set else {})
-    grid = only_rows(settings(args.epsilons, args.runs, common, nonprivate, args.nonprivate_runs,
-                                    first_run=args.first_run), args.rows)
+    grid = only_rows(settings(args.epsilons, args.runs, common, nonprivate, args.nonprivate_runs, first_run=args.first_run),
+                     args.rows)
     started = datetime.datetime.now(datetime.timezone.utc)
     if args.rescore:
         pairs = rescored(grid, args.rescore, common)
@@ -229,8 +227,7 @@ def main(argv=None) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(f"{args.out}.csv", index=False)
     df[df["experiment"].isin([n for n, _, _ in grid])].to_csv(f"{args.out}_runs.csv", index=False)
-    Path(f"{args.out}.md").write_text("\n".join(head) + "\n" + table.to_markdown(index=False, disable_numparse=True) + "\n")
-    print("\n".join(head) + "\n" + table.to_markdown(index=False, disable_numparse=True))
+    write_table(f"{args.out}.md", head + table.to_markdown(index=False, disable_numparse=True).splitlines())
 
 
 if __name__ == "__main__":
