@@ -305,7 +305,8 @@ class FinetuneConfig:
         check(0 <= self.ema_decay < 1, "finetune.ema_decay", self.ema_decay, "a number in [0, 1)")
 
 
-SamplePrecision = Literal["fp32", "bf16"]  # the sampler's network: fp32, or bf16 autocast
+SamplePrecision = Literal["auto", "fp32", "bf16"]  # the sampler's network and decoder: fp32, bf16 autocast, or auto =
+# bf16 where the device computes it natively (dpldm.diffusion.resolve_precision), else fp32
 # the reverse process: DDIM (eta from 0 = deterministic to 1 = DDPM-like), or diffusers' DPM-Solver++ of order 2,
 # deterministic (ODE) or stochastic (SDE; Lu et al. 2022), which use eta not at all
 SampleSolver = Literal["ddim", "dpmpp_2m", "dpmpp_2m_sde"]

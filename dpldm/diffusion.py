@@ -16,7 +16,6 @@ from typing import Callable, get_args
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from diffusers.training_utils import compute_snr
 
 from .config import LDMConfig, SamplePrecision, SampleSolver
 
@@ -90,12 +89,39 @@ def eps_loss(
     pred = model(q_sample(scheduler, z0, noise, t), t, y)
     per_row = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)  # [B*K]
     if snr_gamma > 0:
+        from diffusers.training_utils import compute_snr  # here: the module costs about 1.6 s to import
+
         snr = compute_snr(scheduler, t)
         per_row = per_row * (snr.clamp(max=snr_gamma) / snr)
     return per_row.view(b, k).mean(1)  # [B]
 
 
 PRECISIONS = get_args(SamplePrecision)
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU that supports it, or a CPU whose oneDNN may use bf16
+    (not capped below AVX-512, e.g. by ``ONEDNN_MAX_CPU_ISA``) and that has the AVX512-BF16 or AMX instructions.
+    Elsewhere oneDNN emulates bf16, 4-30x slower than fp32 (an AVX2 cap, measured)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                    and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+    except (AttributeError, RuntimeError):  # a build without these probes: assume emulation
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``sample.precision`` as it runs on ``device``: "auto" is "bf16" where ``native_bf16``, else "fp32"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}; expected one of {PRECISIONS}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
 SOLVERS = get_args(SampleSolver)
 
 
@@ -130,9 +156,8 @@ def sample_latents(
 ) -> torch.Tensor:
     """From pure noise to z0 for labels ``y`` in ``steps`` steps of ``solver`` (``eta``: DDIM's only). With
     ``guidance_scale`` w > 0: eps = (1 + w) eps(z, y) - w eps(z, null). ``precision`` "bf16" runs the network under
-    bf16 autocast; the scheduler's arithmetic and the latents stay fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}; expected one of {PRECISIONS}")
+    bf16 autocast; the scheduler's arithmetic and the latents stay fp32 ("auto": ``resolve_precision``)."""
+    precision = resolve_precision(precision, device)
     rev = reverse_scheduler(scheduler, solver, steps)
     step_kwargs = {"eta": eta} if solver == "ddim" else {}
     y = y.to(device)

@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError
 from .data import tensor_to_images
-from .diffusion import sample_latents
+from .diffusion import resolve_precision, sample_latents
 
 
 def null_class_trained(ldm_cfg) -> bool:
@@ -19,17 +19,21 @@ def null_class_trained(ldm_cfg) -> bool:
 def generate(model, ae, labels: torch.Tensor, *, ldm_cfg, latent_shape, latent_scale: float, scheduler, steps: int,
              eta: float, guidance_scale: float, batch_size: int, generator: torch.Generator, device="cpu",
              show_progress: bool = True, precision: str = "fp32", solver: str = "ddim") -> np.ndarray:
-    """Sampled latents for ``labels`` in batches, decoded by the AE: uint8 images (N, H, W, C)."""
+    """Sampled latents for ``labels`` in batches, decoded by the AE: uint8 images (N, H, W, C). ``precision``
+    (``sample.precision``, "auto" resolved by ``dpldm.diffusion.resolve_precision``): under "bf16" the UNet and
+    the decoder run under bf16 autocast; the sampler's arithmetic and the latents stay fp32."""
     if guidance_scale > 0 and not null_class_trained(ldm_cfg):
         raise ConfigError(f"params: sample.guidance_scale = {guidance_scale!r} needs the null class, but this LDM was pretrained "
                           "with ldm.label_dropout = 0, which never trains it. Set sample.guidance_scale: 0, or pretrain "
                           "with ldm.label_dropout > 0 (e.g. 0.1) and re-run pretrain_ldm onwards")
+    precision = resolve_precision(precision, device)
+    device_type = torch.device(device).type
     images = []
     for i in tqdm(range(0, len(labels), batch_size), desc="sample", disable=not show_progress, mininterval=2.0):
         yb = labels[i:i + batch_size]
         z = sample_latents(model, yb, shape=tuple(latent_shape), scheduler=scheduler, steps=steps, eta=eta,
                            guidance_scale=guidance_scale, null_class=ldm_cfg.num_classes, generator=generator,
                            device=device, precision=precision, solver=solver)
-        with torch.no_grad():
-            images.append(tensor_to_images(ae.decode(z / latent_scale).sample))
+        with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            images.append(tensor_to_images(ae.decode(z / latent_scale).sample.float()))
     return np.concatenate(images)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dpldm.diffusion import make_scheduler
+from dpldm.diffusion import make_scheduler, resolve_precision
 from dpldm.sampling import generate
 from dpldm.config import load_section
 from stages.common import (image_grid, log_live_metrics, progress_enabled, release_stamp, save_png, setup_runtime, stage_main,
@@ -23,12 +23,15 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     model.to(device).eval()
     ae.to(device)
     scheduler = make_scheduler(ldm_cfg)
+    precision = resolve_precision(cfg.precision, device)
+    print(f"sample: precision {cfg.precision}" + (f" -> {precision}" if precision != cfg.precision else "") + f" on {device}",
+          flush=True)
     labels = torch.arange(ldm_cfg.num_classes).repeat_interleave(cfg.per_class)
     images = generate(model, ae, labels, ldm_cfg=ldm_cfg, latent_shape=conf["latent_shape"],
                       latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler, steps=cfg.steps, eta=cfg.eta,
                       guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size, show_progress=progress_enabled(),
                       generator=torch.Generator().manual_seed(seed), device=device,
-                      precision=cfg.precision, solver=cfg.solver)
+                      precision=precision, solver=cfg.solver)
     y = labels.numpy()
     stamp = release_stamp(conf)  # "DP release (...)" or "not a DP release: ...", from dp_finetune
     write_images(outputs["samples"], images=images, labels=y, split=["synthetic"] * len(y), source_index=np.arange(len(y)),
@@ -36,7 +39,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     save_png(outputs["grid"], image_grid(images, y, per_class=12, num_classes=ldm_cfg.num_classes),
              banner="" if stamp["dp_release"] else stamp["release"].upper())
     metrics = {"num_samples": len(y), "solver": cfg.solver, "steps": cfg.steps, "eta": cfg.eta, "guidance_scale": cfg.guidance_scale,
-               "precision": cfg.precision, "pixel_mean": float(images.mean() / 255.0), "release": stamp["release"]}
+               "precision": precision, "precision_setting": cfg.precision, "pixel_mean": float(images.mean() / 255.0), "release": stamp["release"]}
     log_live_metrics(outputs["live"], metrics)
     return metrics
 

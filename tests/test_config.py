@@ -128,13 +128,15 @@ def test_every_profile_applies_to_params_yaml_and_validates(profile, tmp_path):
                 merged[section][key][k] == v for k, v in value.items() if not isinstance(v, dict))
 
 
-def test_sample_precision_is_fp32_or_bf16():
+def test_sample_precision_is_auto_fp32_or_bf16():
     p = params()
+    assert load_section(p, "sample").precision in ("auto", "fp32", "bf16")
     p["sample"]["precision"] = "fp16"
     with pytest.raises(ConfigError, match="sample.precision"):
         load_section(p, "sample")
-    p["sample"]["precision"] = "bf16"
-    assert load_section(p, "sample").precision == "bf16"
+    for value in ("auto", "fp32", "bf16"):
+        p["sample"]["precision"] = value
+        assert load_section(p, "sample").precision == value
     p["sample"]["solver"] = "euler"
     with pytest.raises(ConfigError, match="sample.solver"):
         load_section(p, "sample")

@@ -191,6 +191,72 @@ def test_bf16_sampling_runs_the_network_in_bf16_and_stays_close_to_fp32():
         sample_latents(model, torch.zeros(1, dtype=torch.long), shape=(2, 3, 3), scheduler=s, steps=1, eta=1.0, precision="fp16")
 
 
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    """sample.precision auto: bf16 where dpldm.diffusion.native_bf16 says so, fp32 elsewhere; fp32 and bf16 stay as
+    given; an unknown value is refused by name. A CPU whose oneDNN is capped below bf16, or that lacks AVX512-BF16 and
+    AMX, is not native."""
+    import dpldm.diffusion as diffusion
+
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(diffusion, "native_bf16", lambda device, native=native: native)
+        assert diffusion.resolve_precision("auto", "cpu") == expected
+        assert diffusion.resolve_precision("fp32", "cpu") == "fp32" and diffusion.resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="fp16"):
+        diffusion.resolve_precision("fp16", "cpu")
+    monkeypatch.undo()
+    probes = {"mkldnn": True, "avx512_bf16": True, "amx": False}
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: probes["mkldnn"], raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: probes["avx512_bf16"], raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: probes["amx"], raising=False)
+    assert diffusion.native_bf16("cpu")
+    probes["mkldnn"] = False  # oneDNN capped (ONEDNN_MAX_CPU_ISA=AVX2): emulated, not native
+    assert not diffusion.native_bf16("cpu")
+    probes.update(mkldnn=True, avx512_bf16=False)  # AVX-512 without its bf16 instructions, no AMX
+    assert not diffusion.native_bf16("cpu")
+    probes["amx"] = True
+    assert diffusion.native_bf16("cpu")
+    assert not diffusion.native_bf16("meta")
+
+
+def test_generate_decodes_under_bf16_only_when_precision_resolves_to_bf16(monkeypatch):
+    """generate: with precision bf16 (or auto on a native-bf16 device) the UNet and the AE decoder both run under bf16
+    autocast and the images come out as with fp32 up to rounding; with fp32 nothing autocasts."""
+    import dpldm.diffusion as diffusion
+    from dpldm.sampling import generate
+
+    ldm_cfg = cfg("ldm")
+    s = make_scheduler(ldm_cfg)
+    torch.manual_seed(0)
+    net, dec = torch.nn.Conv2d(1, 1, 1), torch.nn.Conv2d(1, 1, 3, padding=1)
+    seen = {"net": [], "dec": []}
+
+    def model(z, t, y):
+        out = net(z)
+        seen["net"].append(out.dtype)
+        return out
+
+    def decode(z):
+        out = dec(torch.nn.functional.interpolate(z, scale_factor=2))
+        seen["dec"].append(out.dtype)
+        return type("Out", (), {"sample": torch.tanh(out)})()
+
+    ae = type("AE", (), {"decode": staticmethod(decode)})()
+    run = lambda precision: generate(model, ae, torch.arange(6) % 3, ldm_cfg=ldm_cfg, latent_shape=(1, 4, 4),
+                                     latent_scale=0.5, scheduler=s, steps=3, eta=1.0, guidance_scale=0.0, batch_size=4,
+                                     show_progress=False, generator=torch.Generator().manual_seed(0), precision=precision)
+    images = {}
+    for precision, native in (("fp32", True), ("bf16", False), ("auto", True), ("auto", False)):
+        monkeypatch.setattr(diffusion, "native_bf16", lambda device, native=native: native)
+        seen["net"].clear(), seen["dec"].clear()
+        images[precision, native] = run(precision)
+        want = torch.bfloat16 if precision == "bf16" or (precision == "auto" and native) else torch.float32
+        assert set(seen["net"]) == {want} and set(seen["dec"]) == {want} and len(seen["dec"]) == 2
+    assert images["fp32", True].dtype == images["bf16", False].dtype == "uint8" and images["fp32", True].shape == (6, 8, 8, 1)
+    assert (images["auto", True] == images["bf16", False]).all() and (images["auto", False] == images["fp32", True]).all()
+    diff = abs(images["bf16", False].astype(int) - images["fp32", True].astype(int))
+    assert 0 < diff.max() <= 8
+
+
 def test_stratified_timesteps_put_one_row_of_each_example_in_each_stratum_uniformly():
     g = torch.Generator().manual_seed(0)
     b, k, T = 20000, 2, 1000
