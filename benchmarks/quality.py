@@ -3,6 +3,7 @@ layers, and real data, each DP row a mean over independent DP runs.
 
     python benchmarks/quality.py [--runs 3] [--epsilons 1 10] [--set key=value ...] [--compare-only]
     python benchmarks/quality.py --rescore TAG --set sample.per_class=1000 [...]   # the same DP runs, re-scored
+    python benchmarks/quality.py --rescore TAG --rescore-code head --set ...   # ... with this commit's code
     python benchmarks/quality.py --rows dp --epsilons 10   # only some rows (public-only, dp, non-private)
     python benchmarks/quality.py --rows non-private --nonprivate-runs 2   # the non-private row, a mean over 2 runs
 
@@ -186,6 +187,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rerun", action="store_true", help="replace experiments of the same name")
     ap.add_argument("--rescore", metavar="TAG", default="",
                     help="re-score the existing experiments as NAME-TAG with --set (post-processing keys only)")
+    ap.add_argument("--rescore-code", choices=("experiment", "head"), default="experiment",
+                    help="with --rescore: the later stages run with the experiment's code (default) or this commit's")
     ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                     help="run (and tabulate) only these rows; the others keep their experiments (default: all)")
     ap.add_argument("--step-figure", default="", help="that day's benchmarks/pretrain_step.py figure, for provenance")
@@ -214,7 +217,7 @@ def main(argv=None) -> None:
         pairs = rescored(grid, args.rescore, common)
         grid = [(new, row, s) for (_, new, _), (_, row, s) in zip(pairs, grid, strict=True)]  # the table: the new runs
         if not args.compare_only:
-            rescore_sweep(pairs, rerun=args.rerun)
+            rescore_sweep(pairs, rerun=args.rerun, code=args.rescore_code)
     elif not args.compare_only:
         run_sweep([(name, s) for name, _, s in grid], rerun=args.rerun)
     df = comparison([name for name, _, _ in grid])

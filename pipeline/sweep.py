@@ -188,13 +188,34 @@ def _release_hash(repo: str, path: str) -> str | None:
     return next((o.get("md5") for o in lock.get("outs", []) if o["path"] == path), None)
 
 
-def rescore_sweep(pairs: list[tuple[str, str, dict]], *, repo: str = ".", rerun: bool = False) -> None:
+RESCORE_CODE = ("experiment", "head")
+KEPT_ON_RESTORE = ("params.yaml", "dvc.lock")
+
+
+def restore_head_code(repo: str = ".", *, keep: tuple[str, ...] = KEPT_ON_RESTORE) -> list[str]:
+    """Every git-tracked file that differs from HEAD back to HEAD's version, except ``keep`` (the applied experiment's
+    params and lock): after ``dvc exp apply``, the current code with the experiment's settings. Returns the files."""
+    out = subprocess.run(["git", "diff", "--name-only", "HEAD"], cwd=repo, text=True, capture_output=True, check=True)
+    files = [f for f in out.stdout.splitlines() if f and f not in keep]
+    if files:
+        subprocess.run(["git", "checkout", "HEAD", "--", *files], cwd=repo, check=True)
+    return files
+
+
+def rescore_sweep(pairs: list[tuple[str, str, dict]], *, repo: str = ".", rerun: bool = False,
+                  code: str = "experiment") -> None:
     """For each ``(base, name, overrides)``: applies the existing experiment ``base`` to the workspace
     (``dvc exp apply``) and runs it again as ``name`` with ``overrides`` (keys of the stages after
     dp_finetune only, checked). Only the stages from the release's readers on run (``--downstream
     sample``), never dp_finetune: the same DP release is sampled and scored anew (post-processing, no
     new budget; its ledger is the base's). After each run the release's hash in dvc.lock is compared
-    with the base's: a re-trained model stops the sweep."""
+    with the base's: a re-trained model stops the sweep.
+
+    ``code``: "experiment" runs the later stages with the code the experiment was run with (what ``exp apply``
+    brings back); "head" with this commit's code (``restore_head_code``), e.g. a sampler added since. At the end the
+    workspace's params.yaml is restored, and with "head" its code too."""
+    if code not in RESCORE_CODE:
+        raise ValueError(f"code {code!r}; expected one of {RESCORE_CODE}")
     stages = read_stages(repo)
     model = stage_paths(stages, "dp_finetune")["model"]
     starts = rescore_starts(stages, model)
@@ -210,6 +231,9 @@ def rescore_sweep(pairs: list[tuple[str, str, dict]], *, repo: str = ".", rerun:
             if kept(name, existing, rerun=rerun, repo=repo, who="rescore"):
                 continue
             dvc("exp", "apply", base, repo=repo)
+            if code == "head":
+                restored = restore_head_code(repo)
+                print(f"rescore: {name} with this commit's code ({len(restored)} files restored after exp apply)")
             before = _release_hash(repo, model)
             # --downstream: from the stages after the release only. dp_finetune itself looks changed after
             # `exp apply` (its private dvclive folder is never in git), and must not run again
@@ -218,6 +242,8 @@ def rescore_sweep(pairs: list[tuple[str, str, dict]], *, repo: str = ".", rerun:
                 raise RuntimeError(f"re-scoring {base} as {name} trained {model} again: not a re-score")
     finally:
         params_file.write_text(original)
+        if code == "head":
+            restore_head_code(repo)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -246,7 +246,7 @@ def test_rescoring_refuses_keys_that_would_train_the_dp_model_again(tmp_path):
         q.rescored(grid, "bad tag", {})
     # the table is built from the re-scored runs, not their bases: main() with the sweep and the comparison stubbed
     seen = {}
-    q.rescore_sweep = lambda pairs, rerun: seen.setdefault("pairs", pairs)
+    q.rescore_sweep = lambda pairs, rerun, code: seen.setdefault("pairs", pairs) and seen.setdefault("code", code)
     q.comparison = lambda names: seen.setdefault("names", names) and pd.DataFrame(
         [{"experiment": n, "cnn_accuracy": 0.5, "cnn_accuracy_std": 0.0, "epsilon_spent": None, "fid_domain": 1.0,
           "mlp_accuracy": 0.4, "logreg_accuracy": 0.3, "label_consistency": 0.5} for n in names])
@@ -254,6 +254,7 @@ def test_rescoring_refuses_keys_that_would_train_the_dp_model_again(tmp_path):
     nonprivate = q.nonprivate_name(q.NONPRIVATE)  # the default: the non-private row's own schedule
     assert seen["names"] == ["q-public-only-t1", "q-eps10-run1-t1", f"{nonprivate}-t1"]
     assert [b for b, _, _ in seen["pairs"]] == ["q-public-only", "q-eps10-run1", nonprivate]
+    assert seen["code"] == "experiment"  # the default: the experiment's own code
     assert f"own schedule: {q.NONPRIVATE}" in (tmp_path / "q.md").read_text()
     seen.clear()  # an empty --nonprivate-set: the DP defaults, under the old name
     q.main(["--rescore", "t1", "--runs", "1", "--epsilons", "10", "--nonprivate-set", "--out", str(tmp_path / "q")])
@@ -551,3 +552,33 @@ def test_quality_pool_tabulates_each_tables_dp_runs_and_all_of_them(tmp_path):
     assert table.loc["epsilon 10, second", "CNN accuracy %"] == "93.0"
     assert table.loc["epsilon 10, pooled (2 tables)", "runs"] == "3"
     assert table.loc["epsilon 10, pooled (2 tables)", "CNN accuracy %"] == "91.0 ± 2.0"
+
+
+def test_restore_head_code_keeps_the_applied_params_and_lock_and_restores_the_rest(tmp_path):
+    """After `dvc exp apply` brought back an experiment's files, --rescore-code head restores every tracked file that
+    differs from HEAD except params.yaml and dvc.lock; untracked files are left alone."""
+    import subprocess
+
+    from pipeline.sweep import rescore_sweep, restore_head_code
+
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True)
+    git("init", "-q")
+    files = {"params.yaml": "a: 1\n", "dvc.lock": "x\n", "dpldm/sampling.py": "new = 1\n", "stages/sample.py": "s = 1\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "head")
+    applied = {"params.yaml": "a: 2\n", "dvc.lock": "y\n", "dpldm/sampling.py": "old = 1\n", "stages/sample.py": "s = 0\n"}
+    for name, text in applied.items():  # what exp apply leaves: the experiment's params, lock and code
+        (tmp_path / name).write_text(text)
+    (tmp_path / "scratch.txt").write_text("untracked")
+    assert sorted(restore_head_code(str(tmp_path))) == ["dpldm/sampling.py", "stages/sample.py"]
+    for name in ("params.yaml", "dvc.lock"):
+        assert (tmp_path / name).read_text() == applied[name]
+    for name in ("dpldm/sampling.py", "stages/sample.py"):
+        assert (tmp_path / name).read_text() == files[name]
+    assert (tmp_path / "scratch.txt").read_text() == "untracked"
+    assert restore_head_code(str(tmp_path)) == []
+    with pytest.raises(ValueError, match="newest"):
+        rescore_sweep([], repo=str(tmp_path), code="newest")
