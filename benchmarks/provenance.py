@@ -3,6 +3,7 @@ writing of the table."""
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import shlex
 import subprocess
@@ -19,10 +20,15 @@ def _head() -> str:
 STARTED_AT = _head()
 
 
+# environment variables that hold PyTorch, oneDNN and MKL below the processor's widest instruction set
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def cpu() -> str:
     """The processor, as far as the OS says: its model name and widest x86 vector extension ("AMD EPYC, AVX2").
     Timings and even trained weights depend on it (oneDNN and BLAS pick kernels, and so summation orders, by
-    instruction set), and the machine this project runs on is not always the same one."""
+    instruction set), and the machine this project runs on is not always the same one. A cap set in the environment
+    (``ISA_CAPS``) is named after them ("..., held by ONEDNN_MAX_CPU_ISA=AVX2")."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -31,7 +37,8 @@ def cpu() -> str:
                               if line.split(":", 1)[0].strip() == key), "")
     flags = set(field("flags").split())
     isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags), "")
-    return ", ".join(x for x in (field("model name") or platform.processor(), isa) if x) or "cpu unknown"
+    caps = " ".join(f"{k}={os.environ[k]}" for k in ISA_CAPS if os.environ.get(k))
+    return ", ".join(x for x in (field("model name") or platform.processor(), isa, caps and f"held by {caps}") if x) or "cpu unknown"
 
 
 def provenance(script: str, argv: list[str] | None, started: datetime.datetime, commit: str | None = None) -> str:

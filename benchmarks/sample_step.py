@@ -22,7 +22,7 @@ from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from dpldm.config import load_all, with_overrides
-from dpldm.diffusion import make_scheduler, sample_latents
+from dpldm.diffusion import make_scheduler, resolve_precision, sample_latents
 from dpldm.models import build_autoencoder, build_ldm, latent_shape
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,15 +44,27 @@ def explicit_self_attention(ldm) -> None:
             m.set_processor(AttnProcessor())
 
 
-def forward_fn(ldm, batch: int, *, latent: tuple[int, ...], num_classes: int):
-    """One no-grad forward of ``ldm`` on a fixed random batch, as a closure."""
+def forward_fn(ldm, batch: int, *, latent: tuple[int, ...], num_classes: int, bf16: bool = False):
+    """One no-grad forward of ``ldm`` on a fixed random batch (under bf16 autocast with ``bf16``), as a closure."""
     z, y = torch.randn(batch, *latent), torch.arange(batch) % num_classes
     t = torch.full((batch,), 500, dtype=torch.long)
 
     @torch.no_grad()
     def forward():
-        ldm(z, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            ldm(z, t, y)
     return forward
+
+
+def decode_fn(ae, batch: int, *, latent: tuple[int, ...], bf16: bool = False):
+    """The AE decoder on a fixed random batch of latents (under bf16 autocast with ``bf16``), as a closure."""
+    z = torch.randn(batch, *latent)
+
+    @torch.no_grad()
+    def decode():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            ae.decode(z)
+    return decode
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,9 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     forward = lambda net, batch: lambda: forward_fn(net, batch, latent=lat, num_classes=ldm_cfg.num_classes)
     variants = [(f"batch {b}", b, forward(ldm, b)) for b in args.batches]
     variants += [(f"{stage}, GELU's tanh form in the GEGLU", s.batch_size, forward(tanh_ldm, s.batch_size)),
-                 (f"{stage}, explicit-softmax self-attention (`AttnProcessor`)", s.batch_size, forward(explicit_ldm, s.batch_size))]
+                 (f"{stage}, explicit-softmax self-attention (`AttnProcessor`)", s.batch_size, forward(explicit_ldm, s.batch_size)),
+                 (f"{stage}, bf16 autocast (`sample.precision: bf16`)", s.batch_size,
+                  lambda: forward_fn(ldm, s.batch_size, latent=lat, num_classes=ldm_cfg.num_classes, bf16=True))]
     times = alternated(variants, args.rounds, args.forwards, "forward")
+    native = resolve_precision("auto", "cpu")
     lines = [provenance("sample_step.py", argv, started), "",
+             f"`sample.precision: auto` resolves to **{native}** on this processor (`dpldm.diffusion.native_bf16`: "
+             f"{native == 'bf16'}; `sample.precision` is {s.precision}).", "",
              f"{torch.get_num_threads()} threads, {args.forwards} timed no-grad forwards per variant and round, "
              f"{args.rounds} rounds alternated; params.yaml's LDM{f' with {overrides}' if overrides else ''} "
              f"({list(ldm_cfg.block_out_channels)}, {ldm_cfg.attention_head_dim} heads, latents {lat}), freshly "
@@ -93,20 +110,28 @@ def main(argv: list[str] | None = None) -> None:
              "| variant | s / forward (per round) | ms / sample (median) | vs sample.batch_size |", "|---|---|---:|---:|"]
     lines += ratio_rows(variants, times, stage)
 
-    # one batch as the stage runs it: the sampler's steps, then the AE's decoder
+    # the AE's decoder in both precisions, alternated
     ae = build_autoencoder(c["ae"], channels=pub.channels, image_size=pub.image_size).eval()
+    dec = [(f"AE decoder, batch {s.batch_size}, {'bf16 autocast' if bf else 'fp32'}", s.batch_size,
+            lambda bf=bf: decode_fn(ae, s.batch_size, latent=lat, bf16=bf)) for bf in (False, True)]
+    dec_times = alternated(dec, args.rounds, args.forwards, "decode")
+    lines += ["", "| variant | s / decode (per round) | ms / sample (median) | vs fp32 |", "|---|---|---:|---:|"]
+    lines += ratio_rows(dec, dec_times, dec[0][0])
+
+    # one batch as the stage runs it: the sampler's steps, then the AE's decoder (both at sample.precision)
+    prec = resolve_precision(s.precision, "cpu")
     y = torch.arange(s.batch_size) % ldm_cfg.num_classes
     t0 = time.perf_counter()
     z = sample_latents(ldm, y, shape=lat, scheduler=make_scheduler(ldm_cfg), steps=s.steps, eta=s.eta,
                        guidance_scale=s.guidance_scale, null_class=ldm_cfg.num_classes, generator=torch.Generator().manual_seed(0),
-                       precision=s.precision, solver=s.solver)
+                       precision=prec, solver=s.solver)
     t1 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"):
         ae.decode(z)
     t2 = time.perf_counter()
     share = (t1 - t0) / (t2 - t0)
     lines += ["", f"One batch of {s.batch_size} as the stage runs it ({s.solver}, {s.steps} steps, eta {s.eta}, guidance "
-              f"{s.guidance_scale}, {s.precision}): sampler **{t1 - t0:.2f} s** ({100 * share:.0f}%), AE decoder "
+              f"{s.guidance_scale}, {s.precision} = {prec}): sampler **{t1 - t0:.2f} s** ({100 * share:.0f}%), AE decoder "
               f"**{t2 - t1:.2f} s** ({100 * (1 - share):.0f}%)."]
 
     if args.profile_forwards:

@@ -28,6 +28,7 @@ sampling seeds seed..seed+N-1 (each its own samples and TSTR CNN) and reports me
 from __future__ import annotations
 
 import argparse
+import datetime
 import platform
 import sys
 import time
@@ -47,7 +48,7 @@ from stages.common import load_model_files, read_images, read_params  # noqa: E4
 from dpldm.sampling import generate, null_class_trained  # noqa: E402
 from stages.artifacts import load_autoencoder, load_ldm  # noqa: E402
 from coverage import stratified  # noqa: E402
-from provenance import write_table  # noqa: E402
+from provenance import provenance, write_table  # noqa: E402
 
 DEFAULT_SETTINGS = ["eta=1,steps=25,w=0", "eta=0,steps=25,w=0", "eta=0.5,steps=25,w=0",
                     "eta=1,steps=25,w=1", "eta=0,steps=25,w=1", "eta=0,steps=25,w=2"]
@@ -105,6 +106,9 @@ def tstr(images, labels: np.ndarray, test_x, test_y, *, clf, num_classes: int, s
     return float((predict(fit.model, test_x) == test_y).mean())
 
 
+STARTED = datetime.datetime.now(datetime.timezone.utc)  # this process's start, for the provenance line
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ldm", default="models/ldm_private")
@@ -159,7 +163,7 @@ def main() -> None:
         print(f"{text}: consistency {consistency:.3f}, fid_domain {fid['fid_domain']:.1f}, "
               f"kid {fid['kid_domain_mean']:.4f}, CNN on private train {acc:.3f}, {rows[-1][5]:.1f} s/1k", flush=True)
 
-    lines = [f"Model `{args.ldm}`, {args.per_class} samples per class, seed {args.seed}; machine {platform.machine()}, "
+    lines = [provenance("sampling_sweep.py", None, STARTED), "", f"Model `{args.ldm}`, {args.per_class} samples per class, seed {args.seed}; machine {platform.machine()}, "
              f"{args.threads} threads; data.private.source = {source}"
              + ("" if source in PUBLIC_PROXIES else " (REAL PRIVATE DATA: a choice made on this is outside the ledger)")
              + ". Scores use the train split only (never the test split).", "",
@@ -266,7 +270,7 @@ def public_sweep(args) -> None:
     rows = public_rows(model, ae, judge, args.settings, ldm_cfg=ldm_cfg, conf=conf, ae_conf=ae_conf,
                        scheduler=scheduler, args=args)
     seeds = f"seed {args.seed}" if args.seeds == 1 else f"sampling seeds {args.seed}..{args.seed + args.seeds - 1} (mean ± std)"
-    lines = [f"Public model `{ldm_path}`, {args.per_class} samples per class, {seeds}; machine {platform.machine()}, "
+    lines = [provenance("sampling_sweep.py", None, STARTED), "", f"Public model `{ldm_path}`, {args.per_class} samples per class, {seeds}; machine {platform.machine()}, "
              f"{args.threads} threads. Everything from the public set `{args.public_data}`: the domain CNN trained on its "
              f"train split (test accuracy {judge.test_accuracy:.3f}); FID, precision and recall of {judge.per_test} samples "
              f"per class against its {judge.per_test * judge.k}-image held-out test split; the TSTR CNN tested on that "

@@ -149,6 +149,7 @@ def test_public_sampler_sweep_needs_nothing_but_public_artifacts(tiny_pipeline, 
     for r in rows:  # label consistency, precision, recall and the public-test accuracy are shares
         assert all(0.0 <= float(r[i]) <= 1.0 for i in (1, 3, 4, 5)), r
     assert "No private or proxy data read" in out.read_text()
+    assert out.read_text().startswith("`python benchmarks/sampling_sweep.py --public --tstr")  # provenance first
     assert not (tmp_path / "data/private").exists() and not (tmp_path / "models/ldm_private").exists()
     # the proxy mode refuses the real private set unless told, and then shares the sampling and TSTR code
     args = [sys.executable, str(ROOT / "benchmarks/sampling_sweep.py"), "--tstr", "--per-class", "3", "--settings",
@@ -157,6 +158,7 @@ def test_public_sampler_sweep_needs_nothing_but_public_artifacts(tiny_pipeline, 
     assert refused.returncode != 0 and "invariant 7" in refused.stderr
     run(args + ["--allow-private"], tiny_pipeline)
     assert "REAL PRIVATE DATA" in (tmp_path / "proxy.md").read_text()
+    assert (tmp_path / "proxy.md").read_text().startswith("`python benchmarks/sampling_sweep.py --tstr")
     assert [ln for ln in (tmp_path / "proxy.md").read_text().splitlines() if ln.startswith("| eta=1,steps=2,w=0 |")]
 
 def test_public_ldm_variants_train_with_the_stage_and_are_judged_on_public_data(tiny_pipeline, tmp_path):

@@ -148,6 +148,13 @@ def test_benchmark_tables_start_with_the_exact_command_and_commit():
     assert f"commit {commit}," in line and "2026-11-24 08:05 UTC" in line
     # and on which processor: timings and trained weights depend on its instruction set
     assert f"({_benchmark('provenance').cpu()})" in line
+    import os
+    from unittest import mock
+    with mock.patch.dict(os.environ, {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}):
+        held = _benchmark("provenance").cpu()
+    assert held.endswith("held by ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"), held
+    with mock.patch.dict(os.environ, {k: "" for k in _benchmark("provenance").ISA_CAPS}):
+        assert "held by" not in _benchmark("provenance").cpu()
     # a script that ran another commit (repro_time.py's clone, while HEAD moved on) names that one, not HEAD
     ran = _benchmark("provenance").provenance("repro_time.py", [], datetime.datetime(2026, 12, 3, 12, 49), commit="abc1234")
     assert "commit abc1234," in ran and f"commit {commit}," not in ran
@@ -520,15 +527,22 @@ def test_sample_step_alternates_its_variants_and_its_alternatives_really_change_
     assert len(self_attn) == 7 and all(type(m.processor) is AttnProcessor for m in self_attn)
 
     seen, make = [], sample_step.forward_fn
-    monkeypatch.setattr(sample_step, "forward_fn", lambda net, batch, **kw: seen.append(batch) or make(net, batch, **kw))
+    monkeypatch.setattr(sample_step, "forward_fn",
+                        lambda net, batch, **kw: seen.append((batch, kw.get("bf16", False))) or make(net, batch, **kw))
     out = tmp_path / "sample.md"
     sample_step.main(["--batches", "2", "4", "--rounds", "2", "--forwards", "1", "--profile-forwards", "1",
                       "--set", f"sample.batch_size=4,sample.steps=2,runtime.threads={torch.get_num_threads()}", "--out", str(out)])
-    assert seen == [2, 4, 4, 4] * 2 + [4]  # two rounds of (batch 2, batch 4, its two alternatives), then the profiled forward
+    # two rounds of (batch 2, batch 4, its three alternatives, the last under bf16), then the profiled forward
+    assert seen == [(2, False), (4, False), (4, False), (4, False), (4, True)] * 2 + [(4, False)]
     text = out.read_text()
     assert text.splitlines()[0].startswith("`python benchmarks/sample_step.py --batches 2 4") and "UTC" in text
+    from dpldm.diffusion import resolve_precision
+    assert f"`sample.precision: auto` resolves to **{resolve_precision('auto', 'cpu')}**" in text
     rows = {r.split("|")[1].strip(): r.split("|") for r in text.splitlines() if r.startswith("| batch")}
-    assert len(rows) == 4 and rows["batch 4"][4].strip() == "1.00x"
+    assert len(rows) == 5 and rows["batch 4"][4].strip() == "1.00x" and "batch 4, bf16 autocast (`sample.precision: bf16`)" in rows
+    dec = {r.split("|")[1].strip(): r.split("|") for r in text.splitlines() if r.startswith("| AE decoder")}
+    assert list(dec) == ["AE decoder, batch 4, fp32", "AE decoder, batch 4, bf16 autocast"]
+    assert dec["AE decoder, batch 4, fp32"][4].strip() == "1.00x" and all(len(r[2].split(",")) == 2 for r in dec.values())
     assert all(len(r[2].split(",")) == 2 for r in rows.values())  # one time per round
     assert "sampler **" in text and "AE decoder **" in text and "| `aten::" in text
 
