@@ -102,7 +102,7 @@ PRECISIONS = get_args(SamplePrecision)
 def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` computes bf16 natively: a CUDA GPU that supports it, or a CPU whose oneDNN may use bf16
     (not capped below AVX-512, e.g. by ``ONEDNN_MAX_CPU_ISA``) and that has the AVX512-BF16 or AMX instructions.
-    Elsewhere oneDNN emulates bf16, 4-30x slower than fp32 (an AVX2 cap, measured)."""
+    Elsewhere oneDNN emulates bf16, 8-30x slower than fp32 (an AVX2 cap, measured)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
