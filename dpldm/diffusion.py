@@ -97,6 +97,7 @@ def eps_loss(
 
 
 PRECISIONS = get_args(SamplePrecision)
+SOLVERS = get_args(SampleSolver)
 
 
 def native_bf16(device: torch.device | str) -> bool:
@@ -122,7 +123,6 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return precision
-SOLVERS = get_args(SampleSolver)
 
 
 def reverse_scheduler(scheduler: DDPMScheduler, solver: str, steps: int):
