@@ -163,7 +163,8 @@ def main() -> None:
         print(f"{text}: consistency {consistency:.3f}, fid_domain {fid['fid_domain']:.1f}, "
               f"kid {fid['kid_domain_mean']:.4f}, CNN on private train {acc:.3f}, {rows[-1][5]:.1f} s/1k", flush=True)
 
-    lines = [provenance("sampling_sweep.py", None, STARTED), "", f"Model `{args.ldm}`, {args.per_class} samples per class, seed {args.seed}; machine {platform.machine()}, "
+    lines = [provenance("sampling_sweep.py", None, STARTED), "",
+             f"Model `{args.ldm}`, {args.per_class} samples per class, seed {args.seed}; machine {platform.machine()}, "
              f"{args.threads} threads; data.private.source = {source}"
              + ("" if source in PUBLIC_PROXIES else " (REAL PRIVATE DATA: a choice made on this is outside the ledger)")
              + ". Scores use the train split only (never the test split).", "",
@@ -270,7 +271,8 @@ def public_sweep(args) -> None:
     rows = public_rows(model, ae, judge, args.settings, ldm_cfg=ldm_cfg, conf=conf, ae_conf=ae_conf,
                        scheduler=scheduler, args=args)
     seeds = f"seed {args.seed}" if args.seeds == 1 else f"sampling seeds {args.seed}..{args.seed + args.seeds - 1} (mean ± std)"
-    lines = [provenance("sampling_sweep.py", None, STARTED), "", f"Public model `{ldm_path}`, {args.per_class} samples per class, {seeds}; machine {platform.machine()}, "
+    lines = [provenance("sampling_sweep.py", None, STARTED), "",
+             f"Public model `{ldm_path}`, {args.per_class} samples per class, {seeds}; machine {platform.machine()}, "
              f"{args.threads} threads. Everything from the public set `{args.public_data}`: the domain CNN trained on its "
              f"train split (test accuracy {judge.test_accuracy:.3f}); FID, precision and recall of {judge.per_test} samples "
              f"per class against its {judge.per_test * judge.k}-image held-out test split; the TSTR CNN tested on that "

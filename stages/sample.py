@@ -39,7 +39,8 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     save_png(outputs["grid"], image_grid(images, y, per_class=12, num_classes=ldm_cfg.num_classes),
              banner="" if stamp["dp_release"] else stamp["release"].upper())
     metrics = {"num_samples": len(y), "solver": cfg.solver, "steps": cfg.steps, "eta": cfg.eta, "guidance_scale": cfg.guidance_scale,
-               "precision": precision, "precision_setting": cfg.precision, "pixel_mean": float(images.mean() / 255.0), "release": stamp["release"]}
+               "precision": precision, "precision_setting": cfg.precision, "pixel_mean": float(images.mean() / 255.0),
+               "release": stamp["release"]}
     log_live_metrics(outputs["live"], metrics)
     return metrics
 
