@@ -16,10 +16,7 @@ import argparse
 import datetime
 import hashlib
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,25 +49,22 @@ def weights_sha256(model_pt: Path) -> str:
 def train(setting: str, folder: Path, public: str, params: str = "params.yaml", *, ldm: bool = False) -> dict:
     """pretrain_ae's stage in a fresh process under ``SETTINGS[setting]``: {psnr, scale, sha256, seconds}; with ``ldm``
     also encode_public's and pretrain_ldm's stages under the same setting: {ldm_loss, ldm_sha256, ldm_seconds}."""
+    from public_ldm_variants import run_stage
+
     folder.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "DPLDM_PROGRESS": "0", **SETTINGS[setting]}
-    stage = lambda name, *args: subprocess.run([sys.executable, "-m", f"stages.{name}", "--params", params, *args],
-                                               check=True, env=env)
-    t0 = time.perf_counter()
-    stage("pretrain_ae", "--in", f"public={public}", "--out", f"model={folder / 'ae'}",
-          "--out", f"grid={folder / 'reconstructions.png'}", "--out", f"live={folder / 'live'}")
-    seconds = time.perf_counter() - t0
+    stage = lambda name, *args: run_stage(name, Path(params), list(args), env=SETTINGS[setting])
+    seconds = stage("pretrain_ae", "--in", f"public={public}", "--out", f"model={folder / 'ae'}",
+                    "--out", f"grid={folder / 'reconstructions.png'}", "--out", f"live={folder / 'live'}")
     m = json.loads((folder / "live" / "metrics.json").read_text())
     out = {"psnr": m["test_psnr_db"], "scale": m["latent_scale_factor"], "sha256": weights_sha256(folder / "ae" / "model.pt"),
            "seconds": seconds}
     if ldm:
-        t0 = time.perf_counter()
-        stage("encode_public", "--in", f"images={public}", "--in", f"ae={folder / 'ae'}",
-              "--out", f"latents={folder / 'public.npz'}", "--out", f"live={folder / 'live_encode'}")
-        stage("pretrain_ldm", "--in", f"latents={folder / 'public.npz'}", "--out", f"model={folder / 'ldm'}",
-              "--state", f"checkpoint={folder / 'ldm_checkpoint'}", "--out", f"live={folder / 'live_ldm'}")
+        ldm_seconds = stage("encode_public", "--in", f"images={public}", "--in", f"ae={folder / 'ae'}",
+                            "--out", f"latents={folder / 'public.npz'}", "--out", f"live={folder / 'live_encode'}")
+        ldm_seconds += stage("pretrain_ldm", "--in", f"latents={folder / 'public.npz'}", "--out", f"model={folder / 'ldm'}",
+                             "--state", f"checkpoint={folder / 'ldm_checkpoint'}", "--out", f"live={folder / 'live_ldm'}")
         out.update(ldm_loss=json.loads((folder / "live_ldm" / "metrics.json").read_text())["test_loss_ema"],
-                   ldm_sha256=weights_sha256(folder / "ldm" / "model.pt"), ldm_seconds=time.perf_counter() - t0)
+                   ldm_sha256=weights_sha256(folder / "ldm" / "model.pt"), ldm_seconds=ldm_seconds)
     return out
 
 

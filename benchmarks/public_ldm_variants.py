@@ -40,11 +40,12 @@ from provenance import provenance, write_table  # noqa: E402
 from sampling_sweep import PublicJudge, public_cells, public_header, public_rows  # noqa: E402
 
 
-def run_stage(module: str, params: Path, args: list[str]) -> float:
-    """Runs ``python -m stages.MODULE --params PARAMS ARGS`` in a subprocess (no progress bars); its wall seconds."""
+def run_stage(module: str, params: Path, args: list[str], *, env: dict | None = None) -> float:
+    """Runs ``python -m stages.MODULE --params PARAMS ARGS`` in a subprocess (no progress bars; ``env`` added to this
+    process's environment); its wall seconds."""
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", f"stages.{module}", "--params", str(params), *args], check=True,
-                   env={**os.environ, "DPLDM_PROGRESS": "0"})
+                   env={**os.environ, "DPLDM_PROGRESS": "0", **(env or {})})
     return time.perf_counter() - t0
 
 

@@ -24,6 +24,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 from dpldm.config import load_all, with_overrides
 from dpldm.diffusion import make_scheduler, resolve_precision, sample_latents
 from dpldm.models import build_autoencoder, build_ldm, latent_shape
+from dpldm.sampling import decode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_step import alternated, profile_rows, ratio_rows  # noqa: E402
@@ -57,14 +58,10 @@ def forward_fn(ldm, batch: int, *, latent: tuple[int, ...], num_classes: int, bf
 
 
 def decode_fn(ae, batch: int, *, latent: tuple[int, ...], bf16: bool = False):
-    """The AE decoder on a fixed random batch of latents (under bf16 autocast with ``bf16``), as a closure."""
+    """The AE decoder as the sample stage runs it (``dpldm.sampling.decode``, bf16 with ``bf16``) on a fixed random
+    batch of latents, as a closure."""
     z = torch.randn(batch, *latent)
-
-    @torch.no_grad()
-    def decode():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            ae.decode(z)
-    return decode
+    return lambda: decode(ae, z, precision="bf16" if bf16 else "fp32")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,12 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     explicit_self_attention(explicit_ldm)
 
     stage = f"batch {s.batch_size}"
-    forward = lambda net, batch: lambda: forward_fn(net, batch, latent=lat, num_classes=ldm_cfg.num_classes)
+    forward = lambda net, batch, bf16=False: lambda: forward_fn(net, batch, latent=lat, num_classes=ldm_cfg.num_classes, bf16=bf16)
     variants = [(f"batch {b}", b, forward(ldm, b)) for b in args.batches]
     variants += [(f"{stage}, GELU's tanh form in the GEGLU", s.batch_size, forward(tanh_ldm, s.batch_size)),
                  (f"{stage}, explicit-softmax self-attention (`AttnProcessor`)", s.batch_size, forward(explicit_ldm, s.batch_size)),
-                 (f"{stage}, bf16 autocast (`sample.precision: bf16`)", s.batch_size,
-                  lambda: forward_fn(ldm, s.batch_size, latent=lat, num_classes=ldm_cfg.num_classes, bf16=True))]
+                 (f"{stage}, bf16 autocast (`sample.precision: bf16`)", s.batch_size, forward(ldm, s.batch_size, bf16=True))]
     times = alternated(variants, args.rounds, args.forwards, "forward")
     native = resolve_precision("auto", "cpu")
     lines = [provenance("sample_step.py", argv, started), "",
@@ -126,8 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                        guidance_scale=s.guidance_scale, null_class=ldm_cfg.num_classes, generator=torch.Generator().manual_seed(0),
                        precision=prec, solver=s.solver)
     t1 = time.perf_counter()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"):
-        ae.decode(z)
+    decode(ae, z, precision=prec)
     t2 = time.perf_counter()
     share = (t1 - t0) / (t2 - t0)
     lines += ["", f"One batch of {s.batch_size} as the stage runs it ({s.solver}, {s.steps} steps, eta {s.eta}, guidance "
