@@ -166,6 +166,10 @@ class DataConfig:
         self.private.validate("data.private")
 
 
+# fp32, bf16 autocast, or auto = bf16 where the device computes it natively (dpldm.diffusion.resolve_precision), else fp32
+Precision = Literal["auto", "fp32", "bf16"]
+
+
 @dataclass(frozen=True)
 class AEConfig:
     """diffusers AutoencoderKL; downsampling factor f = 2 ** (len(block_out_channels) - 1)."""
@@ -179,6 +183,7 @@ class AEConfig:
     lr: float
     kl_weight: float
     recon_loss: Literal["l1", "l2"]
+    precision: Precision  # the training forward under bf16 autocast ("auto": where the device computes bf16 natively)
 
     def __post_init__(self):
         check(1 <= len(self.block_out_channels) <= 5, "ae.block_out_channels", self.block_out_channels, "1 to 5 channel counts")
@@ -305,8 +310,7 @@ class FinetuneConfig:
         check(0 <= self.ema_decay < 1, "finetune.ema_decay", self.ema_decay, "a number in [0, 1)")
 
 
-SamplePrecision = Literal["auto", "fp32", "bf16"]  # the sampler's network and decoder: fp32, bf16 autocast, or auto =
-# bf16 where the device computes it natively (dpldm.diffusion.resolve_precision), else fp32
+SamplePrecision = Precision  # the sampler's network and decoder: fp32, bf16 autocast, or auto
 # the reverse process: DDIM (eta from 0 = deterministic to 1 = DDPM-like), or diffusers' DPM-Solver++ of order 2,
 # deterministic (ODE) or stochastic (SDE; Lu et al. 2022), which use eta not at all
 SampleSolver = Literal["ddim", "dpmpp_2m", "dpmpp_2m_sde"]

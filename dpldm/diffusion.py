@@ -117,7 +117,7 @@ def native_bf16(device: torch.device | str) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``sample.precision`` as it runs on ``device``: "auto" is "bf16" where ``native_bf16``, else "fp32"."""
+    """``sample.precision`` or ``ae.precision`` as it runs on ``device``: "auto" is "bf16" where ``native_bf16``, else "fp32"."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}; expected one of {PRECISIONS}")
     if precision == "auto":

@@ -7,10 +7,11 @@ needs to end exactly where an uninterrupted one would. No file I/O: the stage sa
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
-from .config import LDMConfig
+from .config import AEConfig, LDMConfig
 from .diffusion import eps_loss, make_scheduler
 from .models import ConditionalUNet
 
@@ -22,7 +23,36 @@ def make_ema(parameters, decay: float) -> EMAModel:
     diffusers' default warm-up caps the decay at ``n / (n + 9)`` after n steps (0.973 after 320, 0.987
     after 700): a configured 0.99 or 0.995 was never reached, and every value above that cap gave the
     same EMA weights. The inverse-gamma warm-up with gamma = 1 and power = 1 gives ``1 - 1 / n``, capped at ``decay``."""
-    return EMAModel(parameters, decay=decay, use_ema_warmup=True, inv_gamma=1.0, power=1.0)
+    return EMAModel(parameters, decay=decay, use_ema_warmup=True, inv_gamma=1.0, power=1.0, foreach=True)
+
+
+def make_adamw(parameters, *, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """torch's AdamW with its fused kernel (CPU and CUDA): the same update as the per-tensor loop torch runs on a CPU by
+    default, in one pass over all tensors (``benchmarks/pretrain_step.py``'s optimizer rows)."""
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def autoencoder_loss(ae, x: torch.Tensor, cfg: AEConfig, *, precision: str = "fp32"
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pretrain_ae's objective on a batch ``x``: (loss, reconstruction loss, KL per pixel), all fp32.
+
+    ``precision`` "bf16" (``ae.precision`` resolved by ``dpldm.diffusion.resolve_precision``) runs the encoder's and the
+    decoder's convolutions under bf16 autocast; the posterior's moments, the sampled latent and the loss stay fp32, and
+    the weights, gradients and optimizer state are fp32 either way."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"autoencoder_loss: precision {precision!r}; expected 'fp32' or 'bf16' (resolve 'auto' first)")
+    bf16 = precision == "bf16"
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        moments = ae.encode(x).latent_dist.parameters
+    posterior = DiagonalGaussianDistribution(moments.float())
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        recon = ae.decode(posterior.sample(generator=None)).sample
+    recon = recon.float()
+    rec = F.l1_loss(recon, x) if cfg.recon_loss == "l1" else F.mse_loss(recon, x)
+    kl = posterior.kl().mean() / x[0].numel()
+    return rec + cfg.kl_weight * kl, rec, kl
 
 
 class LDMPretraining:
@@ -30,7 +60,7 @@ class LDMPretraining:
                  device: torch.device | str = "cpu"):
         self.model, self.cfg, self.z, self.y, self.device = model.to(device), cfg, z, y, device
         self.scheduler = make_scheduler(cfg)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.opt = make_adamw(model.parameters(), lr=cfg.lr, weight_decay=0.0)
         if cfg.cosine_decay:
             self.lr_sched = get_cosine_schedule_with_warmup(self.opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
         else:

@@ -8,11 +8,12 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dpldm.config import load_section, to_dict
 from dpldm.data import images_to_tensor, tensor_to_images
+from dpldm.diffusion import resolve_precision
 from dpldm.models import build_autoencoder, encode_mean, latent_shape
+from dpldm.training import autoencoder_loss, make_adamw
 from stages.common import (image_grid, live, progress, read_images, save_model, save_png, setup_runtime,
                            stage_main)
 
@@ -27,7 +28,10 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     test_x, test_y, _ = read_images(inputs["public"], split="test")
     c, size = meta["channels"], meta["height"]
     ae = build_autoencoder(cfg, channels=c, image_size=size).to(device)
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr)
+    precision = resolve_precision(cfg.precision, device)
+    print(f"pretrain_ae: precision {cfg.precision}" + (f" -> {precision}" if precision != cfg.precision else "") + f" on {device}",
+          flush=True)
+    opt = make_adamw(ae.parameters(), lr=cfg.lr)
     x = images_to_tensor(train_x)
     g = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
@@ -41,11 +45,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
             perm = torch.randperm(len(x), generator=g)
             for i in range(0, len(x), cfg.batch_size):
                 xb = x[perm[i:i + cfg.batch_size]].to(device)
-                posterior = ae.encode(xb).latent_dist
-                recon = ae.decode(posterior.sample(generator=None)).sample
-                rec = F.l1_loss(recon, xb) if cfg.recon_loss == "l1" else F.mse_loss(recon, xb)
-                kl = posterior.kl().mean() / xb[0].numel()
-                loss = rec + cfg.kl_weight * kl
+                loss, rec, kl = autoencoder_loss(ae, xb, cfg, precision=precision)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -79,7 +79,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     save_png(outputs["grid"], image_grid(rows, np.repeat(np.arange(2 * m), 10), per_class=10, num_classes=2 * m))
     save_model(outputs["model"], state_dict=ae.cpu().state_dict(), config=to_dict(cfg),
                extra={"channels": c, "image_size": size, "latent_shape": list(latent_shape(cfg, image_size=size)),
-                      "latent_scale_factor": scale, "class_names": meta["class_names"]})
+                      "latent_scale_factor": scale, "class_names": meta["class_names"], "precision": precision})
     return metrics
 
 

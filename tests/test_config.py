@@ -128,6 +128,17 @@ def test_every_profile_applies_to_params_yaml_and_validates(profile, tmp_path):
                 merged[section][key][k] == v for k, v in value.items() if not isinstance(v, dict))
 
 
+def test_ae_precision_is_auto_fp32_or_bf16():
+    p = params()
+    assert load_section(p, "ae").precision in ("auto", "fp32", "bf16")
+    p["ae"]["precision"] = "fp16"
+    with pytest.raises(ConfigError, match="ae.precision"):
+        load_section(p, "ae")
+    for value in ("auto", "fp32", "bf16"):
+        p["ae"]["precision"] = value
+        assert load_section(p, "ae").precision == value
+
+
 def test_sample_precision_is_auto_fp32_or_bf16():
     p = params()
     assert load_section(p, "sample").precision in ("auto", "fp32", "bf16")

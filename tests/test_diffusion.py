@@ -164,6 +164,33 @@ def test_ema_is_the_running_mean_then_reaches_the_configured_decay():
     assert torch.allclose(ema.shadow_params[0], 0.9 * before + 0.1 * 10.0)
 
 
+def test_fused_adamw_makes_the_per_tensor_adamw_update():
+    """dpldm.training.make_adamw (torch's fused kernel) takes the steps torch's default per-tensor AdamW takes, up to
+    float rounding, with weight decay and a changing lr; its state dict loads into a fresh one (resume)."""
+    from dpldm.training import make_adamw
+
+    torch.manual_seed(0)
+    init = [torch.randn(5, 3), torch.randn(7)]
+    runs = {}
+    for fused in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = make_adamw(params, lr=1e-2, weight_decay=0.1) if fused else torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1,
+                                                                                             foreach=False)
+        g = torch.Generator().manual_seed(1)
+        for step in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.param_groups[0]["lr"] = 1e-2 / (1 + step)
+            opt.step()
+        runs[fused] = (params, opt)
+    assert runs[True][1].defaults["fused"] and not runs[False][1].defaults["fused"]
+    for a, b, p0 in zip(runs[True][0], runs[False][0], init, strict=True):
+        assert not torch.equal(a, p0) and torch.allclose(a, b, atol=1e-6)
+    fresh = make_adamw([torch.nn.Parameter(t.clone()) for t in init], lr=1e-2, weight_decay=0.1)
+    fresh.load_state_dict(runs[True][1].state_dict())
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], runs[True][1].state_dict()["state"][0]["exp_avg"])
+
+
 def test_bf16_sampling_runs_the_network_in_bf16_and_stays_close_to_fp32():
     """sample.precision bf16: the network sees bf16 autocast, the returned latents are fp32 and close to the fp32 path's
     (same noise draws); fp32 never autocasts; an unknown precision is refused by name."""
