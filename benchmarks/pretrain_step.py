@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     ae_steps = c["ae"].epochs * math.ceil(n_train / c["ae"].batch_size)
     rows = [("pretrain_ae (channels_last)", c["ae"].batch_size,
              timed(make_ae_step(torch.channels_last), args.steps), ae_steps, 0.0),
-            ("pretrain_ae (contiguous, as the stage runs)", c["ae"].batch_size,
+            ("pretrain_ae (contiguous, fp32: as the stage ran before ae.precision)", c["ae"].batch_size,
              timed(make_ae_step(torch.contiguous_format), args.steps), ae_steps, 0.0),
             ("pretrain_ldm", c["ldm"].batch_size, timed(make_ldm_step(ldm, c["ldm"].batch_size), args.steps), c["ldm"].steps, 0.0)]
     # The day figure: diffusers' SDPA in every attention layer, as the stage ran before the one-token

@@ -128,26 +128,20 @@ def test_every_profile_applies_to_params_yaml_and_validates(profile, tmp_path):
                 merged[section][key][k] == v for k, v in value.items() if not isinstance(v, dict))
 
 
-def test_ae_precision_is_auto_fp32_or_bf16():
+@pytest.mark.parametrize("section", ["ae", "sample"])
+def test_precision_is_auto_fp32_or_bf16(section):
     p = params()
-    assert load_section(p, "ae").precision in ("auto", "fp32", "bf16")
-    p["ae"]["precision"] = "fp16"
-    with pytest.raises(ConfigError, match="ae.precision"):
-        load_section(p, "ae")
+    assert load_section(p, section).precision in ("auto", "fp32", "bf16")
+    p[section]["precision"] = "fp16"
+    with pytest.raises(ConfigError, match=f"{section}.precision"):
+        load_section(p, section)
     for value in ("auto", "fp32", "bf16"):
-        p["ae"]["precision"] = value
-        assert load_section(p, "ae").precision == value
+        p[section]["precision"] = value
+        assert load_section(p, section).precision == value
 
 
-def test_sample_precision_is_auto_fp32_or_bf16():
+def test_sample_solver_is_one_of_the_three():
     p = params()
-    assert load_section(p, "sample").precision in ("auto", "fp32", "bf16")
-    p["sample"]["precision"] = "fp16"
-    with pytest.raises(ConfigError, match="sample.precision"):
-        load_section(p, "sample")
-    for value in ("auto", "fp32", "bf16"):
-        p["sample"]["precision"] = value
-        assert load_section(p, "sample").precision == value
     p["sample"]["solver"] = "euler"
     with pytest.raises(ConfigError, match="sample.solver"):
         load_section(p, "sample")
