@@ -28,7 +28,7 @@ def make_ema(parameters, decay: float) -> EMAModel:
 
 def make_adamw(parameters, *, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
     """torch's AdamW with its fused kernel (CPU and CUDA): the same update as the per-tensor loop torch runs on a CPU by
-    default, in one pass over all tensors (``benchmarks/pretrain_step.py``'s optimizer rows)."""
+    default, in one pass over all tensors (``benchmarks/train_step_variants.py``)."""
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=True)
 
 
