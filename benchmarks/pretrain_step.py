@@ -51,6 +51,13 @@ def ae_step_fn(cfg, batch: int, *, channels: int, image_size: int, memory_format
     return ae_step
 
 
+def ae_step_count(c: dict) -> int:
+    """pretrain_ae's optimizer steps under the loaded params ``c``: epochs x batches of the public train split."""
+    pub, ae = c["data"].public, c["ae"]
+    n_train = pub.count - (pub.n_test or round(pub.test_fraction * pub.count))
+    return ae.epochs * math.ceil(n_train / ae.batch_size)
+
+
 def ldm_step_fn(net, batch: int, *, latent: tuple[int, ...], scheduler, num_classes: int = 10):
     """One pretrain_ldm training step (eps loss, backward, AdamW) on a fixed random batch, as a closure."""
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
@@ -137,8 +144,7 @@ def main(argv: list[str] | None = None) -> None:
 
     make_ldm_step = lambda net, batch: ldm_step_fn(net, batch, latent=lat, scheduler=sched)
 
-    n_train = pub.count - (pub.n_test or round(pub.test_fraction * pub.count))
-    ae_steps = c["ae"].epochs * math.ceil(n_train / c["ae"].batch_size)
+    ae_steps = ae_step_count(c)
     rows = [("pretrain_ae (channels_last)", c["ae"].batch_size,
              timed(make_ae_step(torch.channels_last), args.steps), ae_steps, 0.0),
             ("pretrain_ae (contiguous, fp32: as the stage ran before ae.precision)", c["ae"].batch_size,

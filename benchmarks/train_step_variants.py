@@ -22,7 +22,7 @@ from dpldm.models import build_autoencoder, build_ldm, latent_shape
 from dpldm.training import LDMPretraining, autoencoder_loss, make_adamw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_step import alternated  # noqa: E402
+from pretrain_step import ae_step_count, alternated  # noqa: E402
 from provenance import provenance, write_table  # noqa: E402
 
 
@@ -79,7 +79,6 @@ def main(argv: list[str] | None = None) -> None:
                  (ldm_now, ldm_cfg.batch_size, lambda: ldm_step(ldm_cfg, latent=lat, fused=True))]
     times = alternated(variants, args.rounds, args.steps, "step")
     med = {name: statistics.median(t) for name, t in times.items()}
-    ref = {ae_before: ae_before, ldm_before: ldm_before}
     lines = [provenance("train_step_variants.py", argv, started), "",
              f"{torch.get_num_threads()} threads, {args.steps} timed steps per variant and round, {args.rounds} rounds "
              f"alternated; params.yaml's shapes and batches, random inputs. `ae.precision: {ae_cfg.precision}` resolves to "
@@ -88,9 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, batch, _ in variants:
         before = ae_before if name.startswith("pretrain_ae") else ldm_before
         lines.append(f"| {name} | {batch} | {', '.join(f'{t:.3f}' for t in times[name])} | {med[name]:.3f} | "
-                     f"{med[ref.get(before, before)] / med[name]:.2f}x |")
-    n_train = pub.count - (pub.n_test or round(pub.test_fraction * pub.count))
-    steps = {"pretrain_ae": ae_cfg.epochs * -(-n_train // ae_cfg.batch_size), "pretrain_ldm": ldm_cfg.steps}
+                     f"{med[before] / med[name]:.2f}x |")
+    steps = {"pretrain_ae": ae_step_count(c), "pretrain_ldm": ldm_cfg.steps}
     saved = {k: steps[k] * (med[b] - med[n]) for k, b, n in (("pretrain_ae", ae_before, ae_now), ("pretrain_ldm", ldm_before, ldm_now))}
     lines += ["", "Implied saving per run (params.yaml's step counts x the median difference): "
               + ", ".join(f"{k} {steps[k]} steps, {s:.0f} s" for k, s in saved.items()) + "."]
