@@ -20,6 +20,11 @@ Every DP run is a separate release of a model trained on the same private data: 
 (``epsilon_spent_all_attempts``), and the non-private runs, which come last, void the total (``inf``). This
 table is scored on the private test split: nothing may be chosen from it.
 
+``--compare-only --merge RUNS_CSV ...`` builds one table from two workspaces built on the same public models (a fresh
+clone's public models are the same bytes on the same processor): a row with no runs in this workspace takes the runs
+of the ``*_runs.csv`` files given, which record each run's public models (the AE's and the public LDM's hashes); a
+file from other public models, or one that does not record them, is refused.
+
 ``--rescore TAG`` re-scores the table's existing experiments instead (``pipeline.sweep.rescore_sweep``): each
 one is applied to the workspace and run again as ``NAME-TAG`` with the ``--set`` overrides, which may only touch
 the stages after dp_finetune (sampler, FID, classifiers). The DP releases stay the same models (checked), so the
@@ -150,6 +155,39 @@ def aggregate(df: pd.DataFrame, row_of: dict, real: dict) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def public_models(df: pd.DataFrame) -> pd.Series:
+    """Each run's public models (``comparison``'s hashes of the AE and the public LDM), as one string."""
+    if df.empty or "public_ae" not in df:
+        return pd.Series("", index=df.index, dtype=str)
+    return "ae=" + df["public_ae"].astype(str) + " ldm=" + df["public_ldm"].astype(str)
+
+
+def merged(df: pd.DataFrame, row_of: dict, paths: list[str]) -> tuple[pd.DataFrame, dict]:
+    """``df`` with the runs of ``paths`` (``*_runs.csv`` of another workspace) added for the rows of ``row_of`` that
+    have no run in ``df``; merged runs are named ``STEM:experiment``. Every run, here and merged, must branch from the
+    same public models (``public_models``)."""
+    mine = df[df["experiment"].isin(row_of)] if not df.empty else df
+    models = set(mine["public_models"]) if "public_models" in mine else set()
+    if len(models) != 1 or "" in models or "ae=None ldm=None" in models:
+        raise SystemExit(f"--merge: the runs here must branch from one recorded pair of public models, not {sorted(models) or 'none'}")
+    local, frames, rows = set(mine["experiment"].map(row_of)), [df], dict(row_of)
+    for path in paths:
+        runs = pd.read_csv(path)
+        if "public_models" not in runs:
+            raise SystemExit(f"--merge {path}: it does not record its public models; tabulate it again with --compare-only "
+                             f"in its own workspace (this version of quality.py writes them)")
+        runs = runs[runs["experiment"].isin(row_of) & ~runs["experiment"].map(row_of).isin(local)].copy()
+        other = set(runs["public_models"].astype(str))
+        if other - models:
+            raise SystemExit(f"--merge {path}: its runs branch from other public models ({', '.join(sorted(other - models))}) "
+                             f"than this workspace's ({', '.join(models)}); a table compares its rows on one public model")
+        stem = Path(path).name.removesuffix("_runs.csv")
+        rows.update({f"{stem}:{e}": row_of[e] for e in runs["experiment"]})
+        runs["experiment"] = stem + ":" + runs["experiment"].astype(str)
+        frames.append(runs)
+    return pd.concat(frames, ignore_index=True), rows
+
+
 def pooled(paths: list[str]) -> pd.DataFrame:
     """The DP rows of several tables' ``*_runs.csv`` (each as ``quality.py`` wrote it), per table and pooled over all of
     them: one line per (epsilon, table), then one per epsilon over every table's runs. Runs keep their table's name
@@ -184,6 +222,9 @@ def main(argv=None) -> None:
     ap.add_argument("--pool", nargs="+", metavar="RUNS_CSV",
                     help="no runs: tabulate the DP rows of these *_runs.csv files, each and pooled (more runs of a row)")
     ap.add_argument("--compare-only", action="store_true", help="skip the runs; rebuild the table from dvc exp")
+    ap.add_argument("--merge", nargs="+", default=[], metavar="RUNS_CSV",
+                    help="with --compare-only: rows with no run here take the runs of these *_runs.csv files (another "
+                         "workspace on the same public models)")
     ap.add_argument("--rerun", action="store_true", help="replace experiments of the same name")
     ap.add_argument("--rescore", metavar="TAG", default="",
                     help="re-score the existing experiments as NAME-TAG with --set (post-processing keys only)")
@@ -205,6 +246,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"--runs {args.runs}: need at least one DP run per epsilon")
     if args.first_run < 1:
         raise SystemExit(f"--first-run {args.first_run}: DP runs are numbered from 1")
+    if args.merge and not args.compare_only:
+        raise SystemExit("--merge: only with --compare-only (it tabulates runs made elsewhere; it runs nothing)")
     if args.nonprivate_runs < 1:
         raise SystemExit(f"--nonprivate-runs {args.nonprivate_runs}: need at least one non-private run")
     common = parse_assignments(",".join(args.set)) if args.set else {}
@@ -220,16 +263,22 @@ def main(argv=None) -> None:
             rescore_sweep(pairs, rerun=args.rerun, code=args.rescore_code)
     elif not args.compare_only:
         run_sweep([(name, s) for name, _, s in grid], rerun=args.rerun)
-    df = comparison([name for name, _, _ in grid])
+    df, row_of = comparison([name for name, _, _ in grid]), {name: row for name, row, _ in grid}
+    df["public_models"] = public_models(df)
+    if args.merge:
+        df, row_of = merged(df, row_of, args.merge)
+    models = sorted(set(df[df["experiment"].isin(row_of)]["public_models"])) if not df.empty else []
     ref = Path("reports/reference/metrics.json")
-    table = aggregate(df, {name: row for name, row, _ in grid}, json.loads(ref.read_text()) if ref.exists() else {})
+    table = aggregate(df, row_of, json.loads(ref.read_text()) if ref.exists() else {})
     head = [provenance("quality.py", argv, started),
             f"Overrides for every setting: {common or 'none'}. CNN accuracy on the real private test split: mean ± std over "
             f"the DP runs of each run's mean over the CNN seeds. The non-private row's own schedule: {nonprivate or 'none'}.",
-            f"That day's benchmarks/pretrain_step.py: {args.step_figure or 'not given'}.", ""]
+            f"That day's benchmarks/pretrain_step.py: {args.step_figure or 'not given'}.",
+            f"Public models (hashes): {', '.join(models) or 'none yet'}"
+            + (f"; rows with no run here from {', '.join(args.merge)}, on the same public models." if args.merge else "."), ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(f"{args.out}.csv", index=False)
-    df[df["experiment"].isin([n for n, _, _ in grid])].to_csv(f"{args.out}_runs.csv", index=False)
+    df[df["experiment"].isin(row_of)].to_csv(f"{args.out}_runs.csv", index=False)
     write_table(f"{args.out}.md", head + table.to_markdown(index=False, disable_numparse=True).splitlines())
 
 

@@ -262,7 +262,10 @@ def comparison(names: list[str] | None = None, *, repo: str = ".", num_commits: 
     branched from the last ``num_commits`` commits count."""
     import dvc.api
 
-    ledger = stage_paths(read_stages(repo), "dp_finetune")["ledger"]
+    stages = read_stages(repo)
+    ledger = stage_paths(stages, "dp_finetune")["ledger"]
+    # the public models an experiment branches from (their hashes as deps of later stages): a table's rows share them
+    public = {"public_ae": stage_paths(stages, "pretrain_ae")["model"], "public_ldm": stage_paths(stages, "pretrain_ldm")["model"]}
     rows, baseline_seen = [], False
     for rec in dvc.api.exp_show(repo=repo, num=num_commits):
         exp = rec.get("Experiment") or rec.get("rev")
@@ -278,6 +281,7 @@ def comparison(names: list[str] | None = None, *, repo: str = ".", num_commits: 
             key = key.replace("ledger:", ledger + ":") if key.startswith("ledger:") else key
             # exp_show names a metric "file:key" only where the key repeats across metrics files
             row[col] = rec.get(key, rec.get(key.split(":")[-1]))
+        row.update({col: rec.get(path) for col, path in public.items()})
         for col in ("private", "dp_release"):  # exp_show may give booleans as strings
             row[col] = {"true": True, "false": False}.get(str(row[col]).lower(), row[col])
         rows.append(row)

@@ -291,5 +291,9 @@ def test_sweep_builds_table_and_plot_and_no_setting_inherits_another(tiny_pipeli
     assert 1.8 < spent[0] <= 2.0
     led = json.loads((tiny_pipeline / "reports/dp_finetune/ledger.json").read_text())  # the last experiment's, applied
     assert spent[0] == pytest.approx(led["epsilon_spent"], rel=1e-6)
+    # every experiment branches from the public models the workspace built, whose hashes the comparison records
+    lock = yaml.safe_load((tiny_pipeline / "dvc.lock").read_text())["stages"]
+    built = [next(o["md5"] for o in lock[s]["outs"] if o["path"].startswith("models/")) for s in ("pretrain_ae", "pretrain_ldm")]
+    assert full[["public_ae", "public_ldm"]].drop_duplicates().values.tolist() == [built]
     files = write_outputs(df, tiny_pipeline / "reports/sweep")
     assert all(os.path.getsize(f) > 0 for f in files.values())

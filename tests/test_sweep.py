@@ -596,3 +596,35 @@ def test_restore_head_code_keeps_the_applied_params_and_lock_and_restores_the_re
     assert restore_head_code(str(tmp_path)) == []
     with pytest.raises(ValueError, match="newest"):
         rescore_sweep([], repo=str(tmp_path), code="newest")
+
+
+def test_quality_merge_fills_only_rows_without_runs_here_and_only_from_the_same_public_models(tmp_path):
+    import pandas as pd
+
+    q = _benchmark("quality")
+    grid = q.settings([1.0, 10.0], 2, {})
+    row_of = {n: row for n, row, _ in grid}
+    cols = dict(epsilon_spent=9.99, cnn_accuracy_std=0.01, mlp_accuracy=0.8, logreg_accuracy=0.7, fid_domain=50.0,
+                label_consistency=0.8, public_ae="a1", public_ldm="l1")
+    here = pd.DataFrame([dict(experiment="q-eps1-run1", cnn_accuracy=0.80, **cols),
+                         dict(experiment="q-eps1-run2", cnn_accuracy=0.82, **cols),
+                         dict(experiment="other", cnn_accuracy=0.1, **{**cols, "public_ae": "zz"})])
+    here["public_models"] = q.public_models(here)
+    there = pd.DataFrame([dict(experiment=f"q-eps10-run{r}", cnn_accuracy=acc, **cols) for r, acc in ((1, 0.90), (2, 0.92))]
+                         + [dict(experiment="q-eps1-run1", cnn_accuracy=0.5, **cols)])  # a row run here: not merged
+    there["public_models"] = q.public_models(there)
+    there.to_csv(tmp_path / "elsewhere_runs.csv", index=False)
+    df, rows = q.merged(here, row_of, [str(tmp_path / "elsewhere_runs.csv")])
+    table = q.aggregate(df, rows, {}).set_index("setting")
+    assert table.loc["epsilon 1", "CNN accuracy %"] == "81.0 ± 1.4" and table.loc["epsilon 1", "runs"] == "2"
+    assert table.loc["epsilon 10", "CNN accuracy %"] == "91.0 ± 1.4"
+    assert table.loc["epsilon 10", "experiments"] == "elsewhere:q-eps10-run1 elsewhere:q-eps10-run2"
+    # runs on other public models, or a file that does not record them, are refused
+    there.assign(public_ldm="l2").assign(public_models=lambda d: q.public_models(d)).to_csv(tmp_path / "other_runs.csv", index=False)
+    with pytest.raises(SystemExit, match="other public models"):
+        q.merged(here, row_of, [str(tmp_path / "other_runs.csv")])
+    there.drop(columns="public_models").to_csv(tmp_path / "old_runs.csv", index=False)
+    with pytest.raises(SystemExit, match="does not record"):
+        q.merged(here, row_of, [str(tmp_path / "old_runs.csv")])
+    with pytest.raises(SystemExit, match="one recorded pair"):
+        q.merged(here.assign(public_models=["ae=a1 ldm=l1", "ae=a2 ldm=l1", ""]), row_of, [str(tmp_path / "elsewhere_runs.csv")])
