@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     ae_steps = ae_step_count(c)
     rows = [("pretrain_ae (channels_last)", c["ae"].batch_size,
              timed(make_ae_step(torch.channels_last), args.steps), ae_steps, 0.0),
-            ("pretrain_ae (contiguous, fp32: as the stage ran before ae.precision)", c["ae"].batch_size,
+            ("pretrain_ae (contiguous, fp32, per-tensor AdamW: as the stage ran before 508035a)", c["ae"].batch_size,
              timed(make_ae_step(torch.contiguous_format), args.steps), ae_steps, 0.0),
             ("pretrain_ldm", c["ldm"].batch_size, timed(make_ldm_step(ldm, c["ldm"].batch_size), args.steps), c["ldm"].steps, 0.0)]
     # The day figure: diffusers' SDPA in every attention layer, as the stage ran before the one-token
