@@ -59,7 +59,7 @@ def one(overrides: dict, steps: int, samples: int) -> dict:
     labels = torch.arange(samples) % ldm_cfg.num_classes
     kwargs = dict(ldm_cfg=ldm_cfg, latent_shape=lat, latent_scale=1.0, scheduler=sched, steps=s.steps, eta=s.eta,
                   guidance_scale=s.guidance_scale, batch_size=s.batch_size, show_progress=False,
-                  precision=s.precision, solver=s.solver)
+                  precision=s.precision, solver=s.solver, spacing=s.spacing)
     generate(ldm, ae, labels[: s.batch_size], generator=torch.Generator().manual_seed(0), **kwargs)  # warm-up
     t0 = time.perf_counter()
     generate(ldm, ae, labels, generator=torch.Generator().manual_seed(1), **kwargs)

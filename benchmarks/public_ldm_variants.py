@@ -89,7 +89,7 @@ def judge_setup(params: dict, public_data: str, seed: int) -> tuple[str, PublicJ
     """(the sampler setting of params.yaml's ``sample`` section, the public judge on ``public_data``)."""
     sample = load_section(params, "sample")
     setting = (f"eta={sample.eta},steps={sample.steps},w={sample.guidance_scale},precision={sample.precision},"
-               f"solver={sample.solver}")
+               f"solver={sample.solver},spacing={sample.spacing}")
     judge = PublicJudge(public_data, clf=load_section(params, "classifier"), fcfg=load_section(params, "fid"),
                         num_classes=load_section(params, "ldm").num_classes, seed=seed)
     return setting, judge

@@ -162,6 +162,12 @@ def public_models(df: pd.DataFrame) -> pd.Series:
     return "ae=" + df["public_ae"].astype(str) + " ldm=" + df["public_ldm"].astype(str)
 
 
+def tagged(path: str, names: pd.Series) -> pd.Series:
+    """The run names of the table ``STEM_runs.csv`` at ``path`` as ``STEM:experiment``, so that names repeated across
+    tables (``q-eps10-run1`` in each) stay separate runs."""
+    return Path(path).name.removesuffix("_runs.csv") + ":" + names.astype(str)
+
+
 def merged(df: pd.DataFrame, row_of: dict, paths: list[str]) -> tuple[pd.DataFrame, dict]:
     """``df`` with the runs of ``paths`` (``*_runs.csv`` of another workspace) added for the rows of ``row_of`` that
     have no run in ``df``; merged runs are named ``STEM:experiment``. Every run, here and merged, must branch from the
@@ -181,9 +187,9 @@ def merged(df: pd.DataFrame, row_of: dict, paths: list[str]) -> tuple[pd.DataFra
         if other - models:
             raise SystemExit(f"--merge {path}: its runs branch from other public models ({', '.join(sorted(other - models))}) "
                              f"than this workspace's ({', '.join(models)}); a table compares its rows on one public model")
-        stem = Path(path).name.removesuffix("_runs.csv")
-        rows.update({f"{stem}:{e}": row_of[e] for e in runs["experiment"]})
-        runs["experiment"] = stem + ":" + runs["experiment"].astype(str)
+        names = tagged(path, runs["experiment"])
+        rows.update(zip(names, runs["experiment"].map(row_of), strict=True))
+        runs["experiment"] = names
         frames.append(runs)
     return pd.concat(frames, ignore_index=True), rows
 
@@ -197,7 +203,7 @@ def pooled(paths: list[str]) -> pd.DataFrame:
         df = pd.read_csv(path)
         # DP releases only: not public-only, non-private or seeded-noise ("not a DP release") runs
         df = df[df["epsilon_target"].map(_num).notna() & (df["dp_release"].astype(str) == "True")].copy()
-        df["experiment"] = Path(path).name.removesuffix("_runs.csv") + ":" + df["experiment"].astype(str)
+        df["experiment"] = tagged(path, df["experiment"])
         frames.append(df)
     if not frames or all(f.empty for f in frames):
         raise SystemExit(f"--pool {' '.join(paths)}: no DP runs in these files")

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     z = sample_latents(ldm, y, shape=lat, scheduler=make_scheduler(ldm_cfg), steps=s.steps, eta=s.eta,
                        guidance_scale=s.guidance_scale, null_class=ldm_cfg.num_classes, generator=torch.Generator().manual_seed(0),
-                       precision=prec, solver=s.solver)
+                       precision=prec, solver=s.solver, spacing=s.spacing)
     t1 = time.perf_counter()
     decode(ae, z, precision=prec)
     t2 = time.perf_counter()

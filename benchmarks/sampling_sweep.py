@@ -4,6 +4,7 @@ of the private set, so that the default they pick is not a choice made on privat
     python scripts/apply_profile.py benchmarks/profiles/public_proxy.yaml && make repro   # in a copy of the repo
     python benchmarks/sampling_sweep.py [--ldm models/ldm_private] [--per-class 100] [--tstr]
         [--settings eta=1,steps=25,w=0 eta=0,steps=25,w=0 ...] [--out benchmarks/results/sampling_sweep.md]
+    (a setting's keys: eta, steps, w, precision, solver, spacing; each defaults as in ``parse_setting``)
 
 Run it in a workspace where `dvc repro` has finished on the public proxy profile (the "private" set is
 then scikit-learn's public 8x8 digits). It refuses a workspace whose private source is not a public
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpldm.config import load_section  # noqa: E402
-from dpldm.diffusion import PRECISIONS, SOLVERS, make_scheduler  # noqa: E402
+from dpldm.diffusion import PRECISIONS, SOLVERS, SPACINGS, make_scheduler  # noqa: E402
 from dpldm.metrics import SmallCNN, fidelity, label_consistency, predict, register_domain_extractor, train_cnn  # noqa: E402
 from stages.classify import split_validation  # noqa: E402
 from stages.common import load_model_files, read_images, read_params  # noqa: E402
@@ -58,12 +59,12 @@ PUBLIC_PROXIES = ("digits8x8", "fontdigits")  # public sources that stand in for
 
 
 def parse_setting(text: str) -> dict:
-    out = {"eta": 1.0, "steps": 25, "w": 0.0, "precision": "fp32", "solver": "ddim"}
+    out = {"eta": 1.0, "steps": 25, "w": 0.0, "precision": "fp32", "solver": "ddim", "spacing": "leading"}
     for part in text.split(","):
         key, _, value = part.partition("=")
         if key not in out:
             raise SystemExit(f"unknown key {key!r} in setting {text!r}; use eta=..,steps=..,w=..,"
-                             f"precision={'|'.join(PRECISIONS)},solver={'|'.join(SOLVERS)}")
+                             f"precision={'|'.join(PRECISIONS)},solver={'|'.join(SOLVERS)},spacing={'|'.join(SPACINGS)}")
         out[key] = type(out[key])(value)
     return out
 
@@ -93,7 +94,7 @@ def sample_setting(model, ae, labels: torch.Tensor, s: dict, *, ldm_cfg, conf: d
     images = generate(model, ae, labels, ldm_cfg=ldm_cfg, latent_shape=conf["latent_shape"],
                       latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler, steps=s["steps"], eta=s["eta"],
                       guidance_scale=s["w"], batch_size=args.batch_size, generator=torch.Generator().manual_seed(seed),
-                      precision=s["precision"], solver=s["solver"])
+                      precision=s["precision"], solver=s["solver"], spacing=s["spacing"])
     return images, time.time() - t0
 
 

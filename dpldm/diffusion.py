@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from .config import LDMConfig, SamplePrecision, SampleSolver
+from .config import LDMConfig, SamplePrecision, SampleSolver, SampleSpacing
 
 
 def make_scheduler(cfg: LDMConfig) -> DDPMScheduler:
@@ -98,6 +98,7 @@ def eps_loss(
 
 PRECISIONS = get_args(SamplePrecision)
 SOLVERS = get_args(SampleSolver)
+SPACINGS = get_args(SampleSpacing)
 
 
 def native_bf16(device: torch.device | str) -> bool:
@@ -125,13 +126,17 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return precision
 
 
-def reverse_scheduler(scheduler: DDPMScheduler, solver: str, steps: int):
-    """The sampler's scheduler over the training schedule's betas, set to ``steps`` steps."""
+def reverse_scheduler(scheduler: DDPMScheduler, solver: str, steps: int, spacing: str = "leading"):
+    """The sampler's scheduler over the training schedule's betas, set to ``steps`` steps placed by ``spacing``
+    (``sample.spacing``: diffusers' ``timestep_spacing``)."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing {spacing!r}; expected one of {SPACINGS}")
     if solver == "ddim":
-        out = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True, clip_sample=False)
+        out = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True, clip_sample=False, timestep_spacing=spacing)
     elif solver in ("dpmpp_2m", "dpmpp_2m_sde"):
         out = DPMSolverMultistepScheduler.from_config(
-            scheduler.config, solver_order=2, algorithm_type="sde-dpmsolver++" if solver == "dpmpp_2m_sde" else "dpmsolver++")
+            scheduler.config, solver_order=2, algorithm_type="sde-dpmsolver++" if solver == "dpmpp_2m_sde" else "dpmsolver++",
+            timestep_spacing=spacing)
     else:
         raise ValueError(f"solver {solver!r}; expected one of {SOLVERS}")
     out.set_timesteps(steps)
@@ -153,12 +158,13 @@ def sample_latents(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     solver: str = "ddim",
+    spacing: str = "leading",
 ) -> torch.Tensor:
     """From pure noise to z0 for labels ``y`` in ``steps`` steps of ``solver`` (``eta``: DDIM's only). With
     ``guidance_scale`` w > 0: eps = (1 + w) eps(z, y) - w eps(z, null). ``precision`` "bf16" runs the network under
     bf16 autocast; the scheduler's arithmetic and the latents stay fp32 ("auto": ``resolve_precision``)."""
     precision = resolve_precision(precision, device)
-    rev = reverse_scheduler(scheduler, solver, steps)
+    rev = reverse_scheduler(scheduler, solver, steps, spacing)
     step_kwargs = {"eta": eta} if solver == "ddim" else {}
     y = y.to(device)
     z = torch.randn((len(y), *shape), generator=generator, device="cpu").to(device)

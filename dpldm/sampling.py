@@ -26,7 +26,8 @@ def decode(ae, z: torch.Tensor, *, latent_scale: float = 1.0, precision: str = "
 
 def generate(model, ae, labels: torch.Tensor, *, ldm_cfg, latent_shape, latent_scale: float, scheduler, steps: int,
              eta: float, guidance_scale: float, batch_size: int, generator: torch.Generator, device="cpu",
-             show_progress: bool = True, precision: str = "fp32", solver: str = "ddim") -> np.ndarray:
+             show_progress: bool = True, precision: str = "fp32", solver: str = "ddim",
+             spacing: str = "leading") -> np.ndarray:
     """Sampled latents for ``labels`` in batches, decoded by the AE: uint8 images (N, H, W, C). ``precision``
     (``sample.precision``, "auto" resolved by ``dpldm.diffusion.resolve_precision``): under "bf16" the UNet and
     the decoder run under bf16 autocast; the sampler's arithmetic and the latents stay fp32."""
@@ -40,6 +41,6 @@ def generate(model, ae, labels: torch.Tensor, *, ldm_cfg, latent_shape, latent_s
         yb = labels[i:i + batch_size]
         z = sample_latents(model, yb, shape=tuple(latent_shape), scheduler=scheduler, steps=steps, eta=eta,
                            guidance_scale=guidance_scale, null_class=ldm_cfg.num_classes, generator=generator,
-                           device=device, precision=precision, solver=solver)
+                           device=device, precision=precision, solver=solver, spacing=spacing)
         images.append(tensor_to_images(decode(ae, z, latent_scale=latent_scale, precision=precision, device=device)))
     return np.concatenate(images)

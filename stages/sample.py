@@ -31,14 +31,15 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
                       latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler, steps=cfg.steps, eta=cfg.eta,
                       guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size, show_progress=progress_enabled(),
                       generator=torch.Generator().manual_seed(seed), device=device,
-                      precision=precision, solver=cfg.solver)
+                      precision=precision, solver=cfg.solver, spacing=cfg.spacing)
     y = labels.numpy()
     stamp = release_stamp(conf)  # "DP release (...)" or "not a DP release: ...", from dp_finetune
     write_images(outputs["samples"], images=images, labels=y, split=["synthetic"] * len(y), source_index=np.arange(len(y)),
                  class_names=ae_conf["class_names"], source="dpldm-samples", release=stamp)
     save_png(outputs["grid"], image_grid(images, y, per_class=12, num_classes=ldm_cfg.num_classes),
              banner="" if stamp["dp_release"] else stamp["release"].upper())
-    metrics = {"num_samples": len(y), "solver": cfg.solver, "steps": cfg.steps, "eta": cfg.eta, "guidance_scale": cfg.guidance_scale,
+    metrics = {"num_samples": len(y), "solver": cfg.solver, "spacing": cfg.spacing, "steps": cfg.steps, "eta": cfg.eta,
+               "guidance_scale": cfg.guidance_scale,
                "precision": precision, "precision_setting": cfg.precision, "pixel_mean": float(images.mean() / 255.0),
                "release": stamp["release"]}
     log_live_metrics(outputs["live"], metrics)

@@ -147,3 +147,12 @@ def test_sample_solver_is_one_of_the_three():
         load_section(p, "sample")
     p["sample"]["solver"] = "dpmpp_2m_sde"
     assert load_section(p, "sample").solver == "dpmpp_2m_sde"
+
+
+def test_sample_spacing_is_one_of_the_three():
+    p = params()
+    p["sample"]["spacing"] = "uniform"
+    with pytest.raises(ConfigError, match="sample.spacing"):
+        load_section(p, "sample")
+    p["sample"]["spacing"] = "trailing"
+    assert load_section(p, "sample").spacing == "trailing"

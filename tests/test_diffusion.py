@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from helpers import cfg
-from dpldm.diffusion import SOLVERS, draw_timesteps, eps_loss, expand_rows, make_scheduler, sample_latents
+from dpldm.diffusion import SOLVERS, SPACINGS, draw_timesteps, eps_loss, expand_rows, make_scheduler, sample_latents
 
 
 def test_expand_rows_is_example_major():
@@ -32,9 +32,29 @@ def test_every_solver_with_a_perfect_denoiser_returns_the_point_mass():
     assert {solver for solver, _ in runs} == set(SOLVERS)
     for solver, eta in runs:
         for steps in (3, 10):
-            z = sample_latents(perfect, torch.zeros(3, dtype=torch.long), shape=(4, 1, 1), scheduler=s, steps=steps, eta=eta,
-                               generator=torch.Generator().manual_seed(0), solver=solver)
-            assert torch.allclose(z, c.expand(3, -1, -1, -1), atol=1e-4), (solver, eta, steps)
+            for spacing in SPACINGS:
+                z = sample_latents(perfect, torch.zeros(3, dtype=torch.long), shape=(4, 1, 1), scheduler=s, steps=steps, eta=eta,
+                                   generator=torch.Generator().manual_seed(0), solver=solver, spacing=spacing)
+                assert torch.allclose(z, c.expand(3, -1, -1, -1), atol=1e-4), (solver, eta, steps, spacing)
+
+
+def test_spacing_places_the_steps_on_the_training_schedule():
+    """sample.spacing: the timesteps the network sees, for each placement, against their definitions on [0, T) (diffusers'
+    timestep_spacing); trailing starts at the last training timestep, where the sampler's pure noise belongs."""
+    s = make_scheduler(cfg("ldm"))
+    T, n = s.config.num_train_timesteps, 10
+
+    def seen(spacing):
+        calls = []
+        sample_latents(lambda z, t, y: calls.append(int(t[0])) or torch.zeros_like(z), torch.zeros(2, dtype=torch.long),
+                       shape=(1, 2, 2), scheduler=s, steps=n, eta=0.0, generator=torch.Generator().manual_seed(0), spacing=spacing)
+        return calls
+
+    assert seen("leading") == [T // n * i for i in range(n)][::-1]
+    assert seen("trailing") == [T - 1 - T // n * i for i in range(n)]
+    assert seen("linspace") == [round(T - 1 - (T - 1) * i / (n - 1)) for i in range(n)]
+    with pytest.raises(ValueError, match="spacing"):
+        seen("uniform")
 
 
 def test_solvers_take_the_steps_asked_and_the_stochastic_ones_draw_noise():
