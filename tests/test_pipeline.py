@@ -143,9 +143,9 @@ def test_public_sampler_sweep_needs_nothing_but_public_artifacts(tiny_pipeline, 
     # the default model is pretrained without label dropout: guidance, asked for, stops the sweep before any work
     refused = run(sweep + ["eta=0,steps=3,w=1"], tmp_path, check=False)
     assert refused.returncode != 0 and "ldm.label_dropout = 0" in refused.stderr and not out.exists()
-    p = run(sweep + ["eta=0,steps=3,w=0"], tmp_path)
+    p = run(sweep + ["eta=0,steps=3,w=0,spacing=trailing"], tmp_path)
     rows = [ln.split("|")[1:-1] for ln in out.read_text().splitlines() if ln.startswith("| eta")]
-    assert [r[0].strip() for r in rows] == ["eta=1,steps=2,w=0", "eta=0,steps=3,w=0"], p.stdout
+    assert [r[0].strip() for r in rows] == ["eta=1,steps=2,w=0", "eta=0,steps=3,w=0,spacing=trailing"], p.stdout
     for r in rows:  # label consistency, precision, recall and the public-test accuracy are shares
         assert all(0.0 <= float(r[i]) <= 1.0 for i in (1, 3, 4, 5)), r
     assert "No private or proxy data read" in out.read_text()
