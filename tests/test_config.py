@@ -140,19 +140,11 @@ def test_precision_is_auto_fp32_or_bf16(section):
         assert load_section(p, section).precision == value
 
 
-def test_sample_solver_is_one_of_the_three():
+@pytest.mark.parametrize("key, bad, good", [("solver", "euler", "dpmpp_2m_sde"), ("spacing", "uniform", "trailing")])
+def test_sample_solver_and_spacing_are_one_of_three(key, bad, good):
     p = params()
-    p["sample"]["solver"] = "euler"
-    with pytest.raises(ConfigError, match="sample.solver"):
+    p["sample"][key] = bad
+    with pytest.raises(ConfigError, match=f"sample.{key}"):
         load_section(p, "sample")
-    p["sample"]["solver"] = "dpmpp_2m_sde"
-    assert load_section(p, "sample").solver == "dpmpp_2m_sde"
-
-
-def test_sample_spacing_is_one_of_the_three():
-    p = params()
-    p["sample"]["spacing"] = "uniform"
-    with pytest.raises(ConfigError, match="sample.spacing"):
-        load_section(p, "sample")
-    p["sample"]["spacing"] = "trailing"
-    assert load_section(p, "sample").spacing == "trailing"
+    p["sample"][key] = good
+    assert getattr(load_section(p, "sample"), key) == good
