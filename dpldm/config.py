@@ -314,7 +314,7 @@ SamplePrecision = Precision  # the sampler's network and decoder: fp32, bf16 aut
 # the reverse process: DDIM (eta from 0 = deterministic to 1 = DDPM-like), or diffusers' DPM-Solver++ of order 2,
 # deterministic (ODE) or stochastic (SDE; Lu et al. 2022), which use eta not at all
 SampleSolver = Literal["ddim", "dpmpp_2m", "dpmpp_2m_sde"]
-# where the sampler's steps fall on [0, T) (diffusers' timestep_spacing; Lin et al. 2024, table 2): "leading" = 0, T/n,
+# where the sampler's steps fall on [0, T) (diffusers' timestep_spacing; Lin et al. 2024 compare the three): "leading" = 0, T/n,
 # ..., T - T/n (10 steps: 900 ... 0, so sampling starts below the noise it draws and spends a step at t = 0);
 # "trailing" = T - 1, T - 1 - T/n, ..., T/n - 1 (999 ... 99); "linspace" = round(linspace(0, T - 1, n)) (999 ... 0)
 SampleSpacing = Literal["leading", "trailing", "linspace"]
