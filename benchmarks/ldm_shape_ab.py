@@ -39,7 +39,7 @@ def one(overrides: dict, steps: int, samples: int) -> dict:
     import dp_step
     from pretrain_step import ldm_step_fn, timed
     from dpldm.config import load_all, with_overrides
-    from dpldm.diffusion import make_scheduler
+    from dpldm.diffusion import Sampler, make_scheduler
     from dpldm.models import build_autoencoder, build_ldm, latent_shape
     from dpldm.sampling import generate
 
@@ -57,9 +57,8 @@ def one(overrides: dict, steps: int, samples: int) -> dict:
     ldm.eval()
     s = c["sample"]
     labels = torch.arange(samples) % ldm_cfg.num_classes
-    kwargs = dict(ldm_cfg=ldm_cfg, latent_shape=lat, latent_scale=1.0, scheduler=sched, steps=s.steps, eta=s.eta,
-                  guidance_scale=s.guidance_scale, batch_size=s.batch_size, show_progress=False,
-                  precision=s.precision, solver=s.solver, spacing=s.spacing)
+    kwargs = dict(sampler=Sampler.of(s), batch_size=s.batch_size, ldm_cfg=ldm_cfg, latent_shape=lat, latent_scale=1.0,
+                  scheduler=sched, show_progress=False)
     generate(ldm, ae, labels[: s.batch_size], generator=torch.Generator().manual_seed(0), **kwargs)  # warm-up
     t0 = time.perf_counter()
     generate(ldm, ae, labels, generator=torch.Generator().manual_seed(1), **kwargs)

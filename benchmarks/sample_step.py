@@ -22,7 +22,7 @@ from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from dpldm.config import load_all, with_overrides
-from dpldm.diffusion import make_scheduler, resolve_precision, sample_latents
+from dpldm.diffusion import Sampler, make_scheduler, resolve_precision, sample_latents
 from dpldm.models import build_autoencoder, build_ldm, latent_shape
 from dpldm.sampling import decode
 
@@ -115,12 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     lines += ratio_rows(dec, dec_times, dec[0][0])
 
     # one batch as the stage runs it: the sampler's steps, then the AE's decoder (both at sample.precision)
-    prec = resolve_precision(s.precision, "cpu")
+    sampler = Sampler.of(s).on("cpu")
+    prec = sampler.precision
     y = torch.arange(s.batch_size) % ldm_cfg.num_classes
     t0 = time.perf_counter()
-    z = sample_latents(ldm, y, shape=lat, scheduler=make_scheduler(ldm_cfg), steps=s.steps, eta=s.eta,
-                       guidance_scale=s.guidance_scale, null_class=ldm_cfg.num_classes, generator=torch.Generator().manual_seed(0),
-                       precision=prec, solver=s.solver, spacing=s.spacing)
+    z = sample_latents(ldm, y, shape=lat, scheduler=make_scheduler(ldm_cfg), sampler=sampler,
+                       null_class=ldm_cfg.num_classes, generator=torch.Generator().manual_seed(0))
     t1 = time.perf_counter()
     decode(ae, z, precision=prec)
     t2 = time.perf_counter()

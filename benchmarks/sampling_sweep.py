@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpldm.config import load_section  # noqa: E402
-from dpldm.diffusion import PRECISIONS, SOLVERS, SPACINGS, make_scheduler  # noqa: E402
+from dpldm.diffusion import PRECISIONS, SOLVERS, SPACINGS, Sampler, make_scheduler  # noqa: E402
 from dpldm.metrics import SmallCNN, fidelity, label_consistency, predict, register_domain_extractor, train_cnn  # noqa: E402
 from stages.classify import split_validation  # noqa: E402
 from stages.common import load_model_files, read_images, read_params  # noqa: E402
@@ -91,10 +91,11 @@ def sample_setting(model, ae, labels: torch.Tensor, s: dict, *, ldm_cfg, conf: d
     """(uint8 images, seconds) for one setting, from ``seed`` (default ``args.seed``: every setting the same)."""
     t0 = time.time()
     seed = args.seed if seed is None else seed
-    images = generate(model, ae, labels, ldm_cfg=ldm_cfg, latent_shape=conf["latent_shape"],
-                      latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler, steps=s["steps"], eta=s["eta"],
-                      guidance_scale=s["w"], batch_size=args.batch_size, generator=torch.Generator().manual_seed(seed),
-                      precision=s["precision"], solver=s["solver"], spacing=s["spacing"])
+    sampler = Sampler(steps=s["steps"], eta=s["eta"], guidance_scale=s["w"], precision=s["precision"], solver=s["solver"],
+                      spacing=s["spacing"])
+    images = generate(model, ae, labels, sampler=sampler, batch_size=args.batch_size, ldm_cfg=ldm_cfg,
+                      latent_shape=conf["latent_shape"], latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler,
+                      generator=torch.Generator().manual_seed(seed))
     return images, time.time() - t0
 
 

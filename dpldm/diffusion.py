@@ -6,11 +6,13 @@
 - ``eps_loss``: L_simple = || eps - eps_theta(sqrt(a_t) z0 + sqrt(1 - a_t) eps, t, y) ||^2, optionally
   weighted by Min-SNR-gamma (Hang et al. 2023): min(SNR(t), gamma) / SNR(t), diffusers' ``compute_snr``;
   ``draw_timesteps``: t uniform per row, or stratified over each example's K rows.
-- ``sample_latents``: the sampling loop (DDIM, or DPM-Solver++ 2M deterministic or stochastic; Lu et al. 2022),
+- ``Sampler``: the sampler's settings (params' sample section) as one validated value;
+  ``sample_latents``: the sampling loop (DDIM, or DPM-Solver++ 2M deterministic or stochastic; Lu et al. 2022),
   with optional classifier-free guidance.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
 from typing import Callable, get_args
 
 import torch
@@ -126,20 +128,46 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return precision
 
 
-def reverse_scheduler(scheduler: DDPMScheduler, solver: str, steps: int, spacing: str = "leading"):
-    """The sampler's scheduler over the training schedule's betas, set to ``steps`` steps placed by ``spacing``
-    (``sample.spacing``: diffusers' ``timestep_spacing``)."""
-    if spacing not in SPACINGS:
-        raise ValueError(f"spacing {spacing!r}; expected one of {SPACINGS}")
-    if solver == "ddim":
-        out = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True, clip_sample=False, timestep_spacing=spacing)
-    elif solver in ("dpmpp_2m", "dpmpp_2m_sde"):
+@dataclass(frozen=True)
+class Sampler:
+    """How latents are drawn: ``steps`` steps of ``solver`` placed on [0, T) by ``spacing`` (diffusers'
+    ``timestep_spacing``), ``eta`` (DDIM's only), classifier-free guidance ``guidance_scale`` (0 = off) and the
+    network's ``precision`` ("auto": ``resolve_precision``). The sample section's keys of the same names
+    (``Sampler.of``); an unknown solver, spacing or precision is refused by name."""
+    steps: int
+    eta: float
+    guidance_scale: float = 0.0
+    precision: str = "fp32"
+    solver: str = "ddim"
+    spacing: str = "leading"
+
+    def __post_init__(self):
+        for name, allowed in (("solver", SOLVERS), ("spacing", SPACINGS), ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r}; expected one of {allowed}")
+
+    @classmethod
+    def of(cls, cfg) -> Sampler:
+        """The sampler keys of a ``dpldm.config.SampleConfig`` (or any object with those attributes)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+    def on(self, device: torch.device | str) -> Sampler:
+        """This sampler with its precision as it runs on ``device`` ("auto" resolved)."""
+        return replace(self, precision=resolve_precision(self.precision, device))
+
+
+def reverse_scheduler(scheduler: DDPMScheduler, sampler: Sampler):
+    """The sampler's scheduler over the training schedule's betas, set to ``sampler.steps`` steps placed by
+    ``sampler.spacing``."""
+    if sampler.solver == "ddim":
+        out = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True, clip_sample=False,
+                                        timestep_spacing=sampler.spacing)
+    else:  # dpmpp_2m | dpmpp_2m_sde (Sampler validated the name)
         out = DPMSolverMultistepScheduler.from_config(
-            scheduler.config, solver_order=2, algorithm_type="sde-dpmsolver++" if solver == "dpmpp_2m_sde" else "dpmsolver++",
-            timestep_spacing=spacing)
-    else:
-        raise ValueError(f"solver {solver!r}; expected one of {SOLVERS}")
-    out.set_timesteps(steps)
+            scheduler.config, solver_order=2,
+            algorithm_type="sde-dpmsolver++" if sampler.solver == "dpmpp_2m_sde" else "dpmsolver++",
+            timestep_spacing=sampler.spacing)
+    out.set_timesteps(sampler.steps)
     return out
 
 
@@ -150,22 +178,18 @@ def sample_latents(
     *,
     shape: tuple[int, ...],
     scheduler: DDPMScheduler,
-    steps: int,
-    eta: float,
-    guidance_scale: float = 0.0,
+    sampler: Sampler,
     null_class: int | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
-    precision: str = "fp32",
-    solver: str = "ddim",
-    spacing: str = "leading",
 ) -> torch.Tensor:
-    """From pure noise to z0 for labels ``y`` in ``steps`` steps of ``solver`` (``eta``: DDIM's only). With
-    ``guidance_scale`` w > 0: eps = (1 + w) eps(z, y) - w eps(z, null). ``precision`` "bf16" runs the network under
-    bf16 autocast; the scheduler's arithmetic and the latents stay fp32 ("auto": ``resolve_precision``)."""
-    precision = resolve_precision(precision, device)
-    rev = reverse_scheduler(scheduler, solver, steps, spacing)
-    step_kwargs = {"eta": eta} if solver == "ddim" else {}
+    """From pure noise to z0 for labels ``y`` as ``sampler`` says. With ``sampler.guidance_scale`` w > 0:
+    eps = (1 + w) eps(z, y) - w eps(z, null). Precision "bf16" runs the network under bf16 autocast; the scheduler's
+    arithmetic and the latents stay fp32."""
+    precision = resolve_precision(sampler.precision, device)
+    rev = reverse_scheduler(scheduler, sampler)
+    step_kwargs = {"eta": sampler.eta} if sampler.solver == "ddim" else {}
+    guidance_scale = sampler.guidance_scale
     y = y.to(device)
     z = torch.randn((len(y), *shape), generator=generator, device="cpu").to(device)
     guided = guidance_scale > 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dpldm.diffusion import make_scheduler, resolve_precision
+from dpldm.diffusion import Sampler, make_scheduler, resolve_precision
 from dpldm.sampling import generate
 from dpldm.config import load_section
 from stages.common import (image_grid, log_live_metrics, progress_enabled, release_stamp, save_png, setup_runtime, stage_main,
@@ -27,11 +27,9 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     print(f"sample: precision {cfg.precision}" + (f" -> {precision}" if precision != cfg.precision else "") + f" on {device}",
           flush=True)
     labels = torch.arange(ldm_cfg.num_classes).repeat_interleave(cfg.per_class)
-    images = generate(model, ae, labels, ldm_cfg=ldm_cfg, latent_shape=conf["latent_shape"],
-                      latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler, steps=cfg.steps, eta=cfg.eta,
-                      guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size, show_progress=progress_enabled(),
-                      generator=torch.Generator().manual_seed(seed), device=device,
-                      precision=precision, solver=cfg.solver, spacing=cfg.spacing)
+    images = generate(model, ae, labels, sampler=Sampler.of(cfg), batch_size=cfg.batch_size, ldm_cfg=ldm_cfg,
+                      latent_shape=conf["latent_shape"], latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler,
+                      generator=torch.Generator().manual_seed(seed), device=device, show_progress=progress_enabled())
     y = labels.numpy()
     stamp = release_stamp(conf)  # "DP release (...)" or "not a DP release: ...", from dp_finetune
     write_images(outputs["samples"], images=images, labels=y, split=["synthetic"] * len(y), source_index=np.arange(len(y)),

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from helpers import cfg
-from dpldm.diffusion import SOLVERS, SPACINGS, draw_timesteps, eps_loss, expand_rows, make_scheduler, sample_latents
+from dpldm.diffusion import SOLVERS, SPACINGS, Sampler, draw_timesteps, eps_loss, expand_rows, make_scheduler, sample_latents
 
 
 def test_expand_rows_is_example_major():
@@ -33,8 +33,9 @@ def test_every_solver_with_a_perfect_denoiser_returns_the_point_mass():
     for solver, eta in runs:
         for steps in (3, 10):
             for spacing in SPACINGS:
-                z = sample_latents(perfect, torch.zeros(3, dtype=torch.long), shape=(4, 1, 1), scheduler=s, steps=steps, eta=eta,
-                                   generator=torch.Generator().manual_seed(0), solver=solver, spacing=spacing)
+                z = sample_latents(perfect, torch.zeros(3, dtype=torch.long), shape=(4, 1, 1), scheduler=s,
+                                   sampler=Sampler(steps=steps, eta=eta, solver=solver, spacing=spacing),
+                                   generator=torch.Generator().manual_seed(0))
                 assert torch.allclose(z, c.expand(3, -1, -1, -1), atol=1e-4), (solver, eta, steps, spacing)
 
 
@@ -47,7 +48,8 @@ def test_spacing_places_the_steps_on_the_training_schedule():
     def seen(spacing):
         calls = []
         sample_latents(lambda z, t, y: calls.append(int(t[0])) or torch.zeros_like(z), torch.zeros(2, dtype=torch.long),
-                       shape=(1, 2, 2), scheduler=s, steps=n, eta=0.0, generator=torch.Generator().manual_seed(0), spacing=spacing)
+                       shape=(1, 2, 2), scheduler=s, sampler=Sampler(steps=n, eta=0.0, spacing=spacing),
+                       generator=torch.Generator().manual_seed(0))
         return calls
 
     assert seen("leading") == [T // n * i for i in range(n)][::-1]
@@ -74,8 +76,8 @@ def test_solvers_take_the_steps_asked_and_the_stochastic_ones_draw_noise():
             calls.append(int(t[0]))
             return net(z)
 
-        z = sample_latents(model, torch.zeros(4, dtype=torch.long), shape=(2, 3, 3), scheduler=s, steps=steps, eta=eta,
-                           generator=g, solver=solver)
+        z = sample_latents(model, torch.zeros(4, dtype=torch.long), shape=(2, 3, 3), scheduler=s,
+                           sampler=Sampler(steps=steps, eta=eta, solver=solver), generator=g)
         return z, calls
 
     with torch.no_grad():
@@ -86,8 +88,7 @@ def test_solvers_take_the_steps_asked_and_the_stochastic_ones_draw_noise():
             assert len(calls) == 7 and calls == sorted(calls, reverse=True), (solver, calls)
             assert torch.equal(za, zb) != stochastic, solver
     with pytest.raises(ValueError, match="euler"):
-        sample_latents(lambda z, t, y: z, torch.zeros(1, dtype=torch.long), shape=(1, 1, 1), scheduler=s, steps=2, eta=0.0,
-                       solver="euler")
+        Sampler(steps=2, eta=0.0, solver="euler")
 
 
 def test_guidance_combines_conditional_and_null():
@@ -98,7 +99,8 @@ def test_guidance_combines_conditional_and_null():
         calls.append(y.clone())
         return torch.zeros_like(z)
 
-    sample_latents(model, torch.tensor([1, 2]), shape=(1, 1, 1), scheduler=s, steps=2, eta=0.0, guidance_scale=2.0, null_class=10)
+    sample_latents(model, torch.tensor([1, 2]), shape=(1, 1, 1), scheduler=s, sampler=Sampler(steps=2, eta=0.0, guidance_scale=2.0),
+                   null_class=10)
     assert calls[0].tolist() == [1, 2, 10, 10]
 
 
@@ -114,8 +116,8 @@ def test_guidance_needs_a_model_pretrained_with_the_null_class():
     s = make_scheduler(ldm_cfg)
     model = lambda z, t, y: torch.zeros_like(z)
     ae = type("AE", (), {"decode": lambda self, z: type("Out", (), {"sample": torch.zeros(len(z), 1, 4, 4)})()})()
-    run = lambda c, w: generate(model, ae, torch.tensor([0, 1]), ldm_cfg=c, latent_shape=(1, 2, 2), latent_scale=1.0,
-                                scheduler=s, steps=2, eta=0.0, guidance_scale=w, batch_size=2, show_progress=False,
+    run = lambda c, w: generate(model, ae, torch.tensor([0, 1]), sampler=Sampler(steps=2, eta=0.0, guidance_scale=w), batch_size=2,
+                                ldm_cfg=c, latent_shape=(1, 2, 2), latent_scale=1.0, scheduler=s, show_progress=False,
                                 generator=torch.Generator().manual_seed(0))
     no_null = dataclasses.replace(ldm_cfg, label_dropout=0.0)
     with pytest.raises(ConfigError, match=r"sample.guidance_scale = 1.0 .*ldm.label_dropout = 0"):
@@ -228,14 +230,15 @@ def test_bf16_sampling_runs_the_network_in_bf16_and_stays_close_to_fp32():
     runs = {}
     for precision in ("fp32", "bf16"):
         seen.clear()
-        runs[precision] = sample_latents(model, torch.zeros(8, dtype=torch.long), shape=(2, 3, 3), scheduler=s, steps=5, eta=1.0,
-                                      generator=torch.Generator().manual_seed(0), precision=precision)
+        runs[precision] = sample_latents(model, torch.zeros(8, dtype=torch.long), shape=(2, 3, 3), scheduler=s,
+                                         sampler=Sampler(steps=5, eta=1.0, precision=precision),
+                                         generator=torch.Generator().manual_seed(0))
         assert set(seen) == {torch.float32 if precision == "fp32" else torch.bfloat16}
     assert runs["bf16"].dtype == torch.float32
     assert not torch.equal(runs["bf16"], runs["fp32"])
     assert torch.allclose(runs["bf16"], runs["fp32"], atol=0.05 * runs["fp32"].abs().max().item())
     with pytest.raises(ValueError, match="fp16"):
-        sample_latents(model, torch.zeros(1, dtype=torch.long), shape=(2, 3, 3), scheduler=s, steps=1, eta=1.0, precision="fp16")
+        Sampler(steps=1, eta=1.0, precision="fp16")
 
 
 def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
@@ -288,9 +291,9 @@ def test_generate_decodes_under_bf16_only_when_precision_resolves_to_bf16(monkey
         return type("Out", (), {"sample": torch.tanh(out)})()
 
     ae = type("AE", (), {"decode": staticmethod(decode)})()
-    run = lambda precision: generate(model, ae, torch.arange(6) % 3, ldm_cfg=ldm_cfg, latent_shape=(1, 4, 4),
-                                     latent_scale=0.5, scheduler=s, steps=3, eta=1.0, guidance_scale=0.0, batch_size=4,
-                                     show_progress=False, generator=torch.Generator().manual_seed(0), precision=precision)
+    run = lambda precision: generate(model, ae, torch.arange(6) % 3, sampler=Sampler(steps=3, eta=1.0, precision=precision),
+                                     batch_size=4, ldm_cfg=ldm_cfg, latent_shape=(1, 4, 4), latent_scale=0.5, scheduler=s,
+                                     show_progress=False, generator=torch.Generator().manual_seed(0))
     images = {}
     for precision, native in (("fp32", True), ("bf16", False), ("auto", True), ("auto", False)):
         monkeypatch.setattr(diffusion, "native_bf16", lambda device, native=native: native)
@@ -369,3 +372,13 @@ def test_eps_loss_draws_its_timesteps_from_t_range():
     eps_loss(model, torch.randn(64, 2, 2, 2), torch.arange(64) % 10, scheduler=s, generator=torch.Generator().manual_seed(5),
              k=2, stratified=True, t_range=(100, 300))
     assert int(seen[0].min()) >= 100 and int(seen[0].max()) < 300
+
+
+def test_sampler_of_the_sample_section_carries_each_of_its_keys():
+    """Sampler.of: every sampler setting comes from the sample section's key of the same name (params.yaml is the one
+    source of its values), and "auto" precision resolves per device only through Sampler.on."""
+    for key, value in (("steps", 7), ("eta", 0.25), ("guidance_scale", 0.5), ("precision", "bf16"), ("solver", "dpmpp_2m"),
+                       ("spacing", "trailing")):
+        assert getattr(Sampler.of(cfg("sample", **{key: value})), key) == value, key
+    auto = Sampler.of(cfg("sample", precision="auto"))
+    assert auto.precision == "auto" and auto.on("meta").precision == "fp32"
