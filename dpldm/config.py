@@ -286,6 +286,7 @@ class FinetuneConfig:
     physical_batch_size: int  # rows per forward pass before the K copies
     clip_norm: float
     lr: float
+    adam_beta1: float  # AdamW's first-moment (momentum) decay; its second-moment decay stays torch's 0.999
     cosine_decay: bool  # lr decays along a cosine to 0 over the run's logical steps (no warm-up); false: constant
     noise_multiplicity: int  # K (DPDM)
     stratified_t: bool  # each example's K timesteps one per stratum of [0, T) (dpldm.diffusion.draw_timesteps)
@@ -304,6 +305,7 @@ class FinetuneConfig:
         check(self.physical_batch_size >= 1, "finetune.physical_batch_size", self.physical_batch_size, "an integer >= 1")
         check(self.clip_norm > 0, "finetune.clip_norm", self.clip_norm, "a number > 0")
         check(self.lr > 0, "finetune.lr", self.lr, "a number > 0")
+        check(0 <= self.adam_beta1 < 1, "finetune.adam_beta1", self.adam_beta1, "a number in [0, 1)")
         check(self.noise_multiplicity >= 1, "finetune.noise_multiplicity", self.noise_multiplicity, "an integer K >= 1")
         lo, hi = self.t_range
         check(0 <= lo < hi, "finetune.t_range", list(self.t_range), "[lo, hi] with 0 <= lo < hi <= ldm.num_train_timesteps")

@@ -71,7 +71,7 @@ class Finetuning:
         model.to(device)
         params = list(selection.params)
         self.ema = make_ema(params, cfg.ema_decay)  # before opacus wraps the model (no hooks on the copy)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0) if params else None
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, 0.999), weight_decay=0.0) if params else None
         self.g_loss = torch.Generator().manual_seed(seed + 1)
         # without DP the sampling generator only shuffles: seeded
         self.g_data, self.g_dp = dp_generators(reproducible=cfg.reproducible_noise or plan is None, seed=seed, device=device)

@@ -276,6 +276,39 @@ def test_secret_generators_differ_and_are_not_the_global_rng():
     assert not torch.equal(a, b)
 
 
+@pytest.mark.parametrize("private", [True, False])
+def test_finetune_adam_beta1_is_the_optimizers_momentum(private):
+    """finetune.adam_beta1 reaches AdamW's first-moment decay, behind opacus' DP optimizer as without DP; the
+    second-moment decay stays torch's 0.999. One logical step at beta1 = 0 leaves exp_avg equal to the step's gradient."""
+    from dpldm.finetune import Finetuning, plan_finetune
+
+    n = 20
+    for beta1 in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = tiny_model()
+        c = cfg("finetune", layers=(1, 7), epochs=1, batch_size=n, physical_batch_size=n, delta=1e-3, adam_beta1=beta1,
+                private=private, reproducible_noise=True)
+        sel, plan = plan_finetune(model, c, n=n)
+        g = torch.Generator().manual_seed(0)
+        ft = Finetuning(model, sel, plan, c, CFG, z=torch.randn(n, 4, 4, 4, generator=g),
+                        y=torch.randint(0, 10, (n,), generator=g), seed=0)
+        assert ft.optimizer.param_groups[0]["betas"] == (beta1, 0.999)
+        if beta1 == 0.0:
+            grads = {}
+            step = ft.optimizer.step
+
+            def recording_step(*a, step=step, sel=sel, grads=grads, **kw):  # the gradient AdamW is handed (clipped, noised)
+                out = step(*a, **kw)
+                grads.update({id(p): p.grad.clone() for p in sel.params if p.grad is not None})
+                return out
+
+            ft.optimizer.step = recording_step
+            ft.run_epoch()
+            inner = getattr(ft.optimizer, "original_optimizer", ft.optimizer)
+            last = [p for p in sel.params if id(p) in grads]
+            assert last and all(torch.equal(inner.state[p]["exp_avg"], grads[id(p)]) for p in last)
+
+
 @pytest.mark.parametrize("cosine", [False, True])
 def test_dp_learning_rate_follows_its_schedule_over_the_plans_logical_steps(cosine):
     """finetune.cosine_decay: the lr of every logical step is lr * (1 + cos(pi s / S)) / 2 over the plan's S steps
