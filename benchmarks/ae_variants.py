@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpldm.config import load_section, with_overrides  # noqa: E402
 from dpldm.diffusion import make_scheduler  # noqa: E402
 from pretrain_ldm_sweep import overrides_label, parse_variant, write_rows  # noqa: E402
-from provenance import provenance, write_table  # noqa: E402
+from provenance import provenance, with_ext, write_table  # noqa: E402
 from public_ldm_variants import judge_setup, run_stage, start, trained_before, train as train_ldm  # noqa: E402
 from sampling_sweep import public_cells, public_header, public_rows  # noqa: E402
 from stages.artifacts import load_autoencoder, load_ldm  # noqa: E402
@@ -125,7 +125,7 @@ def main() -> None:
              + (f" Sampler `{setting}` (params.yaml); {args.per_class} samples per class; sampling seeds "
                 f"{args.seed}..{args.seed + args.seeds - 1} (mean ± std); domain CNN test accuracy {judge.test_accuracy:.3f}."
                 if args.ldm else ""), "", head, rule, *table]
-    write_table(Path(args.out).with_suffix(".md"), lines)
+    write_table(with_ext(args.out, ".md"), lines)
 
 
 if __name__ == "__main__":

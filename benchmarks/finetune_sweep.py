@@ -31,7 +31,7 @@ from stages.artifacts import load_ldm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_ldm_sweep import load_splits, overrides_label, parse_variant, write_rows  # noqa: E402
-from provenance import provenance, write_table  # noqa: E402
+from provenance import provenance, with_ext, write_table  # noqa: E402
 
 PUBLIC_SOURCES = ("digits8x8", "fontdigits")  # bundled with scikit-learn / rendered from matplotlib's fonts
 
@@ -114,7 +114,7 @@ def main() -> None:
                      f"{np.mean([x['heldout_loss_null'] for x in rs]):.4f} | {np.mean([x['train_loss_last_epoch'] for x in rs]):.4f} | "
                      f"{' / '.join(format(np.mean([x['heldout_loss_t' + str(q)] for x in rs]), '.4f') for q in range(4))} | "
                      f"{np.mean([x['wall_s'] for x in rs]):.0f} |")
-    write_table(out.with_suffix(".md"), lines)
+    write_table(with_ext(out, ".md"), lines)
 
 
 if __name__ == "__main__":

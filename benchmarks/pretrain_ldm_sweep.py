@@ -30,7 +30,7 @@ from dpldm.training import LDMPretraining, heldout_loss
 from stages.common import load_latents
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import provenance, write_table  # noqa: E402
+from provenance import provenance, with_ext, write_table  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -54,7 +54,7 @@ def load_splits(path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
 def write_rows(out: Path, rows: list[dict]) -> None:
     """``out``.csv with one row per run (the folder is made if missing)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
+    with open(with_ext(out, ".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -107,7 +107,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['variant']} | `{r['overrides']}` | {r['steps']} x {r['batch_size']} | {r['heldout_loss']:.4f} | "
                      f"{r['heldout_loss_null']:.4f} | {r['label_gain']:.4f} | {r['s_per_step']:.2f} | {r['wall_s']:.0f} |")
-    write_table(out.with_suffix(".md"), lines)
+    write_table(with_ext(out, ".md"), lines)
 
 
 if __name__ == "__main__":

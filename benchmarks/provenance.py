@@ -51,6 +51,14 @@ def provenance(script: str, argv: list[str] | None, started: datetime.datetime, 
     return f"`{cmd}`, commit {commit or 'unknown'}, started {started:%Y-%m-%d %H:%M} UTC, {platform.machine()} ({cpu()}), {sys.platform}."
 
 
+def with_ext(out, ext: str) -> Path:
+    """``out`` (a benchmark's ``--out``: a stem, or a file name with a table's extension) with extension ``ext``
+    (".md", ".csv", ".png"). Unlike ``Path.with_suffix``, a stem with dots keeps them: "betas_0.9,0.999" gives
+    "betas_0.9,0.999.md", not "betas_0.9,0.md" (which a second stem "betas_0.9,0.99" would overwrite)."""
+    out = Path(out)
+    return out.with_suffix(ext) if out.suffix in (".md", ".csv", ".png") else out.parent / (out.name + ext)
+
+
 def write_table(path, lines: list[str], *, echo: list[str] | None = None) -> None:
     """Writes a benchmark's Markdown ``lines`` to ``path`` (its folder made if missing) and prints ``echo`` (default:
     all of them)."""

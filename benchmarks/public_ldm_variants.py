@@ -36,7 +36,7 @@ from dpldm.config import load_section, with_overrides  # noqa: E402
 from dpldm.diffusion import make_scheduler  # noqa: E402
 from stages.artifacts import load_autoencoder, load_ldm  # noqa: E402
 from pretrain_ldm_sweep import overrides_label, parse_variant, write_rows  # noqa: E402
-from provenance import provenance, write_table  # noqa: E402
+from provenance import provenance, with_ext, write_table  # noqa: E402
 from sampling_sweep import PublicJudge, public_cells, public_header, public_rows  # noqa: E402
 
 
@@ -139,7 +139,7 @@ def main() -> None:
              f"seeds {args.seed}..{args.seed + args.seeds - 1} (mean ± std); domain CNN test accuracy "
              f"{judge.test_accuracy:.3f}. That day's `benchmarks/pretrain_step.py`: {args.step_figure or 'not given'}.", "",
              *public_header(("variant", "overrides"), ("held-out public loss (EMA)", "training s")), *table]
-    write_table(Path(args.out).with_suffix(".md"), lines)
+    write_table(with_ext(args.out, ".md"), lines)
 
 
 if __name__ == "__main__":

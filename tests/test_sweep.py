@@ -628,3 +628,16 @@ def test_quality_merge_fills_only_rows_without_runs_here_and_only_from_the_same_
         q.merged(here, row_of, [str(tmp_path / "old_runs.csv")])
     with pytest.raises(SystemExit, match="one recorded pair"):
         q.merged(here.assign(public_models=["ae=a1 ldm=l1", "ae=a2 ldm=l1", ""]), row_of, [str(tmp_path / "elsewhere_runs.csv")])
+
+
+def test_benchmark_outputs_keep_the_dots_of_their_stem():
+    """provenance.with_ext: a --out stem with dots ("betas_0.9,0.999") keeps them, so that two stems differing after
+    their last dot do not write the same file; a name with a table's extension has it replaced."""
+    from pathlib import Path
+
+    p = _benchmark("provenance")
+    assert p.with_ext("out/betas_0.9,0.999", ".md") == Path("out/betas_0.9,0.999.md")
+    assert p.with_ext("out/betas_0.9,0.99", ".md") != p.with_ext("out/betas_0.9,0.999", ".md")
+    assert p.with_ext("benchmarks/results/finetune_sweep", ".csv") == Path("benchmarks/results/finetune_sweep.csv")
+    assert p.with_ext("benchmarks/results/ae_variants.md", ".md") == Path("benchmarks/results/ae_variants.md")
+    assert p.with_ext("x/table.csv", ".md") == Path("x/table.md")
