@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dpldm.diffusion import Sampler, make_scheduler, resolve_precision
+from dpldm.diffusion import Sampler, make_scheduler
 from dpldm.sampling import generate
 from dpldm.config import load_section
 from stages.common import (image_grid, log_live_metrics, progress_enabled, release_stamp, save_png, setup_runtime, stage_main,
@@ -23,11 +23,12 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     model.to(device).eval()
     ae.to(device)
     scheduler = make_scheduler(ldm_cfg)
-    precision = resolve_precision(cfg.precision, device)
+    sampler = Sampler.of(cfg).on(device)  # precision "auto" resolved for this device
+    precision = sampler.precision
     print(f"sample: precision {cfg.precision}" + (f" -> {precision}" if precision != cfg.precision else "") + f" on {device}",
           flush=True)
     labels = torch.arange(ldm_cfg.num_classes).repeat_interleave(cfg.per_class)
-    images = generate(model, ae, labels, sampler=Sampler.of(cfg), batch_size=cfg.batch_size, ldm_cfg=ldm_cfg,
+    images = generate(model, ae, labels, sampler=sampler, batch_size=cfg.batch_size, ldm_cfg=ldm_cfg,
                       latent_shape=conf["latent_shape"], latent_scale=ae_conf["latent_scale_factor"], scheduler=scheduler,
                       generator=torch.Generator().manual_seed(seed), device=device, show_progress=progress_enabled())
     y = labels.numpy()
