@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from dpldm.config import load_all, load_section, with_overrides
 from dpldm.finetune import Finetuning, plan_finetune
+from dpldm.privacy import dp_noise_variance
 from dpldm.training import heldout_loss
 from stages.artifacts import load_ldm
 
@@ -57,6 +58,7 @@ def run_variant(params: dict, overrides: dict, ldm_dir: str, z, y, zt, yt, seed:
             last = ft.run_epoch(on_step=lambda: bar.update())
     wall = time.perf_counter() - t0
     eps = ft.epsilon()
+    v_ratio = second_moment_over_noise(ft)
     ft.finish()
     null = torch.full_like(yt, ldm_cfg.num_classes)
     true_loss = heldout_loss(model, zt, yt, cfg=ldm_cfg)
@@ -67,7 +69,29 @@ def run_variant(params: dict, overrides: dict, ldm_dir: str, z, y, zt, yt, seed:
             "noise_multiplier": plan.noise_multiplier if plan else 0.0, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "epochs": ft.epochs, "steps": ft.steps, "K": cfg.noise_multiplicity,
             "train_loss_last_epoch": float(np.mean(last)) if last else float("nan"), "heldout_loss": true_loss,
-            "heldout_loss_null": heldout_loss(model, zt, null, cfg=ldm_cfg), **quarters, "wall_s": wall}
+            "heldout_loss_null": heldout_loss(model, zt, null, cfg=ldm_cfg), **quarters, "wall_s": wall,
+            **{f"v_over_noise_p{q:02d}": x for q, x in zip((1, 50, 99), v_ratio, strict=True)}}
+
+
+def second_moment_over_noise(ft: Finetuning) -> tuple[float, float, float]:
+    """Quantiles (1%, 50%, 99%) over the trained coordinates of Adam's bias-corrected second moment divided by
+    the DP noise's variance per coordinate, (sigma C / B)^2, at the end of the run: near 1 everywhere, the noise
+    dominates every coordinate and DP-Adam divides them all by about the same number (it acts as SGD).
+    NaN without DP (or without Adam's state)."""
+    inner = getattr(ft.optimizer, "original_optimizer", None)
+    if ft.plan is None or inner is None:
+        return (float("nan"),) * 3
+    phi = dp_noise_variance(ft.plan, clip_norm=ft.cfg.clip_norm)
+    beta2 = inner.param_groups[0]["betas"][1]
+    ratios = []
+    for p in ft.selection.params:
+        st = inner.state.get(p, {})
+        if "exp_avg_sq" in st:
+            ratios.append((st["exp_avg_sq"] / (1 - beta2 ** int(st["step"])) / phi).flatten())
+    if not ratios:
+        return (float("nan"),) * 3
+    r = torch.cat(ratios).double().numpy()
+    return tuple(float(x) for x in np.quantile(r, (0.01, 0.5, 0.99)))
 
 
 def main() -> None:
@@ -104,8 +128,9 @@ def main() -> None:
              f"threads, seeded DP noise (not releases), {args.repeats} run(s) per variant. That day's "
              f"`benchmarks/pretrain_step.py`: {args.step_figure or 'not given'}.", "",
              "| variant | overrides | epsilon | sigma | batch x steps | held-out loss (EMA), mean (std) | with the null class | "
-             "train loss, last epoch | held-out loss by quarter of [0, T) (t low to high) | wall (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "train loss, last epoch | held-out loss by quarter of [0, T) (t low to high) | "
+             "Adam's second moment / noise variance, 1% / 50% / 99% | wall (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for name, rs in df.items():
         h = np.array([r["heldout_loss"] for r in rs])
         r = rs[0]
@@ -113,6 +138,7 @@ def main() -> None:
                      f"{r['batch_size']} x {r['steps']} | {h.mean():.4f} ({h.std():.4f}) | "
                      f"{np.mean([x['heldout_loss_null'] for x in rs]):.4f} | {np.mean([x['train_loss_last_epoch'] for x in rs]):.4f} | "
                      f"{' / '.join(format(np.mean([x['heldout_loss_t' + str(q)] for x in rs]), '.4f') for q in range(4))} | "
+                     f"{' / '.join(format(np.mean([x[f'v_over_noise_p{q:02d}'] for x in rs]), '.2f') for q in (1, 50, 99))} | "
                      f"{np.mean([x['wall_s'] for x in rs]):.0f} |")
     write_table(with_ext(out, ".md"), lines)
 

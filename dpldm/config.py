@@ -287,6 +287,9 @@ class FinetuneConfig:
     clip_norm: float
     lr: float
     adam_beta1: float  # AdamW's first-moment (momentum) decay; its second-moment decay stays torch's 0.999
+    # DP-AdamBC (dpldm.privacy.AdamBC): > 0 subtracts the DP noise's variance from Adam's second moment, floored at this
+    # many times that variance; 0 = plain AdamW
+    adam_bc_floor: float
     cosine_decay: bool  # lr decays along a cosine to 0 over the run's logical steps (no warm-up); false: constant
     noise_multiplicity: int  # K (DPDM)
     stratified_t: bool  # each example's K timesteps one per stratum of [0, T) (dpldm.diffusion.draw_timesteps)
@@ -306,6 +309,7 @@ class FinetuneConfig:
         check(self.clip_norm > 0, "finetune.clip_norm", self.clip_norm, "a number > 0")
         check(self.lr > 0, "finetune.lr", self.lr, "a number > 0")
         check(0 <= self.adam_beta1 < 1, "finetune.adam_beta1", self.adam_beta1, "a number in [0, 1)")
+        check(self.adam_bc_floor >= 0, "finetune.adam_bc_floor", self.adam_bc_floor, "a number >= 0 (0 = plain AdamW)")
         check(self.noise_multiplicity >= 1, "finetune.noise_multiplicity", self.noise_multiplicity, "an integer K >= 1")
         lo, hi = self.t_range
         check(0 <= lo < hi, "finetune.t_range", list(self.t_range), "[lo, hi] with 0 <= lo < hi <= ldm.num_train_timesteps")

@@ -22,8 +22,8 @@ from .config import FinetuneConfig, LDMConfig, check, to_dict
 from .diffusion import eps_loss, make_scheduler
 from .ledger import SEEDED_NOISE, SECRET_NOISE, Ledger, release_of
 from .models import ConditionalUNet, merge_lora
-from .privacy import (DPPlan, Selection, accountant_epsilon, dp_generators, make_private, plan_dp, select_trainable, steps_per_epoch_of,
-                      train_epoch, validate_plan_inputs)
+from .privacy import (AdamBC, DPPlan, Selection, accountant_epsilon, dp_generators, dp_noise_variance, make_private, plan_dp,
+                      select_trainable, steps_per_epoch_of, train_epoch, validate_plan_inputs)
 from .training import make_ema
 
 
@@ -57,6 +57,14 @@ def new_ledger(cfg: FinetuneConfig, selection: Selection, plan: DPPlan | None, *
     )
 
 
+def make_optimizer(params: list[torch.nn.Parameter], cfg: FinetuneConfig, plan: DPPlan | None) -> torch.optim.Optimizer:
+    """AdamW without weight decay; DP-AdamBC (``finetune.adam_bc_floor > 0``) under DP, where the noise's variance is known."""
+    betas = (cfg.adam_beta1, 0.999)
+    if plan is not None and cfg.adam_bc_floor > 0:
+        return AdamBC(params, lr=cfg.lr, betas=betas, noise_var=dp_noise_variance(plan, clip_norm=cfg.clip_norm), floor=cfg.adam_bc_floor)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=0.0)
+
+
 class Finetuning:
     """Fine-tuning of ``selection`` on (z, y): DP-SGD with K-averaging when ``plan`` is given, plain
     AdamW otherwise. ``epochs`` defaults to the plan's (or ``cfg.epochs``; 0 for ``mode: none``)."""
@@ -71,7 +79,7 @@ class Finetuning:
         model.to(device)
         params = list(selection.params)
         self.ema = make_ema(params, cfg.ema_decay)  # before opacus wraps the model (no hooks on the copy)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, 0.999), weight_decay=0.0) if params else None
+        opt = make_optimizer(params, cfg, plan) if params else None
         self.g_loss = torch.Generator().manual_seed(seed + 1)
         # without DP the sampling generator only shuffles: seeded
         self.g_data, self.g_dp = dp_generators(reproducible=cfg.reproducible_noise or plan is None, seed=seed, device=device)

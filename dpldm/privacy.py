@@ -284,6 +284,55 @@ class KAveragedDPOptimizer(DPOptimizer):
             self.canaries.observe(self)  # the white-box auditor reads the noisy summed gradient
 
 
+class AdamBC(torch.optim.Optimizer):
+    """DP-AdamBC (Tang et al., AAAI 2024): Adam whose second moment loses the known variance of the DP
+    noise. Behind DP-SGD every coordinate of the averaged gradient carries Gaussian noise of variance
+    ``noise_var`` = (sigma C / B)^2, which dominates Adam's second moment, so plain DP-Adam divides
+    every coordinate by about the same number and acts as SGD. Here the bias-corrected second moment
+    is ``max(v_hat - noise_var, floor * noise_var)``; the rest is torch's Adam without weight decay.
+    ``noise_var = 0`` is plain Adam (with the second moment floored at 0)."""
+
+    def __init__(self, params, *, lr: float, betas: tuple[float, float], noise_var: float, floor: float, eps: float = 1e-8):
+        if noise_var < 0 or floor <= 0:
+            raise ValueError(f"AdamBC needs noise_var >= 0 and floor > 0, got {noise_var} and {floor}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, noise_var=noise_var, floor=floor))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            (b1, b2), phi, lr = group["betas"], group["noise_var"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros(())
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = int(state["step"])
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(p.grad, 1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (v / (1 - b2 ** t)).sub_(phi).clamp_(min=group["floor"] * phi).sqrt_().add_(group["eps"])
+                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+        return loss
+
+
+def dp_noise_variance(plan: DPPlan, *, clip_norm: float) -> float:
+    """The variance of the DP noise in each coordinate of the averaged gradient the optimizer receives:
+    (sigma C / B)^2 with B the expected batch size (opacus' ``loss_reduction="mean"``)."""
+    return (plan.noise_multiplier * clip_norm / expected_batch_size(plan)) ** 2
+
+
+def expected_batch_size(plan: DPPlan) -> int:
+    return max(1, round(plan.n * plan.sample_rate))
+
+
 # ----------------------------------------------------------------------------------------------
 # Randomness and the loader
 
@@ -346,7 +395,7 @@ def make_private(
         optimizer,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=max_grad_norm,
-        expected_batch_size=max(1, round(plan.n * plan.sample_rate)),
+        expected_batch_size=expected_batch_size(plan),
         loss_reduction="mean",
         generator=noise_generator,
         secure_mode=secure_mode,

@@ -24,6 +24,7 @@ def test_dvc_string_float_is_accepted():
     ("finetune", "t_range", [500, 100], "finetune.t_range"),
     ("finetune", "t_range", [-1, 100], "finetune.t_range"),
     ("finetune", "adam_beta1", 1.0, "finetune.adam_beta1"),
+    ("finetune", "adam_bc_floor", -0.1, "finetune.adam_bc_floor"),
     ("finetune", "mode", "attn", "finetune.mode"),
     ("finetune", "epsilonn", 1.0, "finetune.epsilonn"),
     ("ldm", "block_out_channels", [30, 64], "ldm.block_out_channels"),

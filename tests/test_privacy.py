@@ -309,6 +309,68 @@ def test_finetune_adam_beta1_is_the_optimizers_momentum(private):
             assert last and all(torch.equal(inner.state[p]["exp_avg"], grads[id(p)]) for p in last)
 
 
+def test_adambc_without_noise_is_torch_adam_and_subtracts_the_noise_variance_with_a_floor():
+    """dpldm.privacy.AdamBC: with noise_var 0 it takes torch Adam's steps; with noise_var phi its second moment
+    is max(v_hat - phi, floor * phi), checked against the formula written out over a few steps."""
+    from dpldm.privacy import AdamBC
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(3, 5, generator=g) * 1e-3 for _ in range(4)]
+    p0 = torch.randn(3, 5, generator=g)
+    a, b = p0.clone().requires_grad_(), p0.clone().requires_grad_()
+    ref = torch.optim.Adam([a], lr=0.01, betas=(0.5, 0.999))
+    bc = AdamBC([b], lr=0.01, betas=(0.5, 0.999), noise_var=0.0, floor=0.3)
+    for gr in grads:
+        a.grad, b.grad = gr.clone(), gr.clone()
+        ref.step()
+        bc.step()
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+
+    phi, floor, lr, (b1, b2) = 1e-6, 0.3, 0.01, (0.5, 0.999)
+    c = p0.clone().requires_grad_()
+    opt = AdamBC([c], lr=lr, betas=(b1, b2), noise_var=phi, floor=floor)
+    x, m, v = p0.double().clone(), torch.zeros_like(p0, dtype=torch.double), torch.zeros_like(p0, dtype=torch.double)
+    floored = 0
+    for t, gr in enumerate(grads, 1):
+        c.grad = gr.clone()
+        opt.step()
+        m = b1 * m + (1 - b1) * gr.double()
+        v = b2 * v + (1 - b2) * gr.double() ** 2
+        v_hat = v / (1 - b2 ** t) - phi
+        floored += int((v_hat < floor * phi).sum())
+        x -= lr * (m / (1 - b1 ** t)) / (v_hat.clamp(min=floor * phi).sqrt() + 1e-8)
+    assert 0 < floored < 4 * p0.numel()  # both branches of the max were taken
+    torch.testing.assert_close(c.double(), x, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="floor"):
+        AdamBC([c], lr=lr, betas=(b1, b2), noise_var=phi, floor=0.0)
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_finetune_adam_bc_floor_selects_adambc_with_the_plans_noise_variance_under_dp_only(private):
+    """finetune.adam_bc_floor > 0: under DP the optimizer behind opacus' is AdamBC, with noise_var (sigma C / B)^2 from
+    the plan (B the expected batch); without DP there is no noise to subtract and it stays AdamW. 0: AdamW."""
+    from dpldm.finetune import Finetuning, plan_finetune
+    from dpldm.privacy import AdamBC
+
+    n = 20
+    for floor in (0.0, 0.5):
+        c = cfg("finetune", layers=(1, 7), epochs=1, batch_size=10, physical_batch_size=10, delta=1e-3, clip_norm=0.02,
+                adam_bc_floor=floor, private=private, reproducible_noise=True)
+        model = tiny_model()
+        sel, plan = plan_finetune(model, c, n=n)
+        ft = Finetuning(model, sel, plan, c, CFG, z=torch.randn(n, 4, 4, 4), y=torch.randint(0, 10, (n,)), seed=0)
+        inner = getattr(ft.optimizer, "original_optimizer", ft.optimizer)
+        if private and floor > 0:
+            assert isinstance(inner, AdamBC)
+            group = inner.param_groups[0]
+            assert group["floor"] == 0.5 and group["noise_var"] == pytest.approx((plan.noise_multiplier * 0.02 / 10) ** 2)
+            assert ft.optimizer.expected_batch_size == 10
+            ft.run_epoch()
+            assert all(int(inner.state[p]["step"]) == 2 for p in sel.params)  # one per logical step
+        else:
+            assert type(inner) is torch.optim.AdamW
+
+
 @pytest.mark.parametrize("cosine", [False, True])
 def test_dp_learning_rate_follows_its_schedule_over_the_plans_logical_steps(cosine):
     """finetune.cosine_decay: the lr of every logical step is lr * (1 + cos(pi s / S)) / 2 over the plan's S steps

@@ -79,12 +79,12 @@ def _interrupted_then_resumed(params, inputs, outs, monkeypatch, **over):
     return _finetune(params, inputs, outs, **over)
 
 
-@pytest.mark.parametrize("cosine", [False, True])  # a resumed run continues the lr schedule where it stopped
-def test_dp_finetune_resume_equals_uninterrupted_with_seeded_noise(upstream, finetune_io, tmp_path, monkeypatch, cosine):
+# a resumed run continues the lr schedule where it stopped, and DP-AdamBC's moments
+@pytest.mark.parametrize("over", [{"cosine_decay": False}, {"cosine_decay": True}, {"adam_bc_floor": 0.5}])
+def test_dp_finetune_resume_equals_uninterrupted_with_seeded_noise(upstream, finetune_io, tmp_path, monkeypatch, over):
     params = params_of(upstream)
-    la, ma = _finetune(params, finetune_io, _outs(tmp_path, "a"), reproducible_noise=True, cosine_decay=cosine)
-    lb, mb = _interrupted_then_resumed(params, finetune_io, _outs(tmp_path, "b"), monkeypatch, reproducible_noise=True,
-                                       cosine_decay=cosine)
+    la, ma = _finetune(params, finetune_io, _outs(tmp_path, "a"), reproducible_noise=True, **over)
+    lb, mb = _interrupted_then_resumed(params, finetune_io, _outs(tmp_path, "b"), monkeypatch, reproducible_noise=True, **over)
     assert lb["steps"] == la["steps"] and lb["epsilon_spent"] == pytest.approx(la["epsilon_spent"], rel=1e-9)
     assert lb["resumed_at_epoch"] == [1] and lb["attempt"] == 1
     for k in ma:

@@ -213,6 +213,9 @@ def test_finetune_sweep_runs_only_on_a_public_proxy_and_its_seeded_variants_are_
     assert a["heldout_loss"] == b["heldout_loss"]  # seeded noise: the same variant gives the same model
     c = s.run_variant(params, {**over, "finetune.private": False}, str(tmp_path / "ldm"), z, y, zt, yt, seed=3)
     assert not c["private"] and c["epsilon"] == float("inf") and c["heldout_loss"] != a["heldout_loss"]
+    # Adam's second moment over the DP noise's variance: positive quantiles in order under DP, none without
+    assert 0 < a["v_over_noise_p01"] <= a["v_over_noise_p50"] <= a["v_over_noise_p99"] < float("inf")
+    assert all(np.isnan(c[f"v_over_noise_p{q:02d}"]) for q in (1, 50, 99))
     s.write_rows(tmp_path / "out" / "sweep", [a, c])  # the CSV the script writes: one row per run
     assert list(pd.read_csv(tmp_path / "out" / "sweep.csv")["private"]) == [True, False]
     np.savez(tmp_path / "l.npz", train_latents=z.numpy(), train_labels=y.numpy(), test_latents=zt.numpy(), test_labels=yt.numpy())
