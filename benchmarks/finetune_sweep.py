@@ -7,13 +7,15 @@ true labels and with the null class, the accountant's epsilon, the noise multipl
     python benchmarks/finetune_sweep.py --variant default: --variant q1/4:finetune.batch_size=350 \\
         [--ldm models/ldm_public] [--latents data/latents/private.npz] [--out benchmarks/results/finetune_sweep]
 
-A variant is ``name:key=value,...`` (keys of params.yaml). The script refuses to run unless the workspace's
+A variant is ``name:key=value,...`` (keys of params.yaml; ``extra=norms+io+temb`` also trains those parameter groups
+beyond the DP selection, a benchmark-only probe: ``EXTRA_GROUPS``). The script refuses to run unless the workspace's
 ``data.private.source`` is a public set (the proxy): a choice read off the real private data would sit
 outside the ledger. Its DP noise is seeded (``finetune.reproducible_noise``, one seed per repeat): nothing
 it trains is a DP release, and the variants see the same noise streams, which makes them comparable."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import sys
 import time
@@ -26,7 +28,7 @@ from tqdm import tqdm
 
 from dpldm.config import load_all, load_section, with_overrides
 from dpldm.finetune import Finetuning, plan_finetune
-from dpldm.privacy import dp_noise_variance
+from dpldm.privacy import Selection, dp_noise_variance
 from dpldm.training import heldout_loss
 from stages.artifacts import load_ldm
 
@@ -35,6 +37,11 @@ from pretrain_ldm_sweep import load_splits, overrides_label, parse_variant, writ
 from provenance import provenance, with_ext, write_table  # noqa: E402
 
 PUBLIC_SOURCES = ("digits8x8", "fontdigits")  # bundled with scikit-learn / rendered from matplotlib's fonts
+EXTRA_GROUPS = {  # parameter groups a variant may train beyond finetune's selection (qualified-name tests)
+    "norms": lambda n: "norm" in n and ".attentions." not in n,  # the ResNet blocks' GroupNorms and the output norm
+    "io": lambda n: n.startswith(("unet.conv_in.", "unet.conv_out.", "unet.conv_norm_out.")),
+    "temb": lambda n: "time_emb" in n,  # the timestep MLP and each ResNet block's projection of it
+}
 
 
 def check_public(params: dict) -> str:
@@ -46,10 +53,24 @@ def check_public(params: dict) -> str:
     return source
 
 
-def run_variant(params: dict, overrides: dict, ldm_dir: str, z, y, zt, yt, seed: int) -> dict:
+def with_extra(model: torch.nn.Module, selection: Selection, groups: tuple[str, ...]) -> Selection:
+    """``selection`` plus the parameters of ``EXTRA_GROUPS`` ``groups`` (unfrozen; named_parameters order)."""
+    unknown = sorted(set(groups) - set(EXTRA_GROUPS))
+    if unknown:
+        raise SystemExit(f"extra={'+'.join(groups)}: unknown group(s) {unknown}; use {'+'.join(EXTRA_GROUPS)}")
+    have = set(selection.names)
+    pairs = [(n, p) for n, p in model.named_parameters() if n in have or any(EXTRA_GROUPS[g](n) for g in groups)]
+    for _, p in pairs:
+        p.requires_grad_(True)
+    return dataclasses.replace(selection, names=tuple(n for n, _ in pairs), params=tuple(p for _, p in pairs))
+
+
+def run_variant(params: dict, overrides: dict, ldm_dir: str, z, y, zt, yt, seed: int, extra: tuple[str, ...] = ()) -> dict:
     cfg = load_section(with_overrides(params, {**overrides, "finetune.reproducible_noise": True}), "finetune")
     model, ldm_cfg, _ = load_ldm(ldm_dir)
     selection, plan = plan_finetune(model, cfg, n=len(z))
+    if extra:
+        selection = with_extra(model, selection, extra)
     ft = Finetuning(model, selection, plan, cfg, ldm_cfg, z=z, y=y, seed=seed)
     t0 = time.perf_counter()
     last = []
@@ -67,7 +88,7 @@ def run_variant(params: dict, overrides: dict, ldm_dir: str, z, y, zt, yt, seed:
                 for q in range(4)}  # the same loss with t in each quarter of [0, T): where a variant gains or loses
     return {"private": plan is not None, "epsilon": eps if eps is not None else float("inf"),
             "noise_multiplier": plan.noise_multiplier if plan else 0.0, "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "epochs": ft.epochs, "steps": ft.steps, "K": cfg.noise_multiplicity,
+            "epochs": ft.epochs, "steps": ft.steps, "K": cfg.noise_multiplicity, "trainable_params": selection.trainable_params,
             "train_loss_last_epoch": float(np.mean(last)) if last else float("nan"), "heldout_loss": true_loss,
             "heldout_loss_null": heldout_loss(model, zt, null, cfg=ldm_cfg), **quarters, "wall_s": wall,
             **{f"v_over_noise_p{q:02d}": x for q, x in zip((1, 50, 99), v_ratio, strict=True)}}
@@ -111,10 +132,12 @@ def main() -> None:
     z, y, zt, yt = load_splits(args.latents)
     rows = []
     for text in args.variant:
-        name, over = parse_variant(text)
+        name, given = parse_variant(text)
+        extra = tuple(g for g in str(given.get("extra", "")).split("+") if g)
+        over = {k: v for k, v in given.items() if k != "extra"}
         for rep in range(args.repeats):
-            r = {"variant": name, "overrides": overrides_label(over), "repeat": rep,
-                 **run_variant(params, over, args.ldm, z, y, zt, yt, args.seed + 1000 * rep)}
+            r = {"variant": name, "overrides": overrides_label(given), "repeat": rep,
+                 **run_variant(params, over, args.ldm, z, y, zt, yt, args.seed + 1000 * rep, extra=extra)}
             rows.append(r)
             print({k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
     out = Path(args.out)
@@ -127,14 +150,15 @@ def main() -> None:
              f"Proxy: `data.private.source: {source}`, {len(z)} train / {len(zt)} held-out latents, {torch.get_num_threads()} torch "
              f"threads, seeded DP noise (not releases), {args.repeats} run(s) per variant. That day's "
              f"`benchmarks/pretrain_step.py`: {args.step_figure or 'not given'}.", "",
-             "| variant | overrides | epsilon | sigma | batch x steps | held-out loss (EMA), mean (std) | with the null class | "
+             "| variant | overrides | trainable params | epsilon | sigma | batch x steps | held-out loss (EMA), mean (std) | "
+             "with the null class | "
              "train loss, last epoch | held-out loss by quarter of [0, T) (t low to high) | "
              "Adam's second moment / noise variance, 1% / 50% / 99% | wall (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for name, rs in df.items():
         h = np.array([r["heldout_loss"] for r in rs])
         r = rs[0]
-        lines.append(f"| {name} | `{r['overrides']}` | {r['epsilon']:.2f} | {r['noise_multiplier']:.3f} | "
+        lines.append(f"| {name} | `{r['overrides']}` | {r['trainable_params']:,} | {r['epsilon']:.2f} | {r['noise_multiplier']:.3f} | "
                      f"{r['batch_size']} x {r['steps']} | {h.mean():.4f} ({h.std():.4f}) | "
                      f"{np.mean([x['heldout_loss_null'] for x in rs]):.4f} | {np.mean([x['train_loss_last_epoch'] for x in rs]):.4f} | "
                      f"{' / '.join(format(np.mean([x['heldout_loss_t' + str(q)] for x in rs]), '.4f') for q in range(4))} | "

@@ -216,6 +216,19 @@ def test_finetune_sweep_runs_only_on_a_public_proxy_and_its_seeded_variants_are_
     # Adam's second moment over the DP noise's variance: positive quantiles in order under DP, none without
     assert 0 < a["v_over_noise_p01"] <= a["v_over_noise_p50"] <= a["v_over_noise_p99"] < float("inf")
     assert all(np.isnan(c[f"v_over_noise_p{q:02d}"]) for q in (1, 50, 99))
+    # the benchmark-only probe: parameter groups beyond the DP selection, unfrozen and trained under the same DP loop
+    from dpldm.privacy import select_trainable
+    m = build_ldm(cfg, latent_channels=4, latent_size=4)
+    sel = select_trainable(m, mode="attention", layers=(1, 2), train_embedder=True)
+    wider = s.with_extra(m, sel, ("norms", "io"))
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert list(wider.names) == names and set(sel.names) < set(names)  # named_parameters order, a superset
+    assert {n for n in names if n not in sel.names} == {n for n, _ in m.named_parameters() if ".attentions." not in n and (
+        "norm" in n or n.startswith(("unet.conv_in.", "unet.conv_out.")))}
+    with pytest.raises(SystemExit, match="unknown group"):
+        s.with_extra(m, sel, ("ff",))
+    d = s.run_variant(params, over, str(tmp_path / "ldm"), z, y, zt, yt, seed=3, extra=("norms",))
+    assert d["trainable_params"] > a["trainable_params"] and d["heldout_loss"] != a["heldout_loss"]
     s.write_rows(tmp_path / "out" / "sweep", [a, c])  # the CSV the script writes: one row per run
     assert list(pd.read_csv(tmp_path / "out" / "sweep.csv")["private"]) == [True, False]
     np.savez(tmp_path / "l.npz", train_latents=z.numpy(), train_labels=y.numpy(), test_latents=zt.numpy(), test_labels=yt.numpy())
@@ -644,3 +657,45 @@ def test_benchmark_outputs_keep_the_dots_of_their_stem():
     assert p.with_ext("benchmarks/results/finetune_sweep", ".csv") == Path("benchmarks/results/finetune_sweep.csv")
     assert p.with_ext("benchmarks/results/ae_variants.md", ".md") == Path("benchmarks/results/ae_variants.md")
     assert p.with_ext("x/table.csv", ".md") == Path("x/table.md")
+
+
+def test_public_subspace_projection_spans_the_top_public_directions_and_residual_one_is_dp_sgd(tmp_path):
+    import torch
+    import yaml
+
+    from dpldm.config import load_section, to_dict
+    from dpldm.models import build_ldm
+    from helpers import ROOT, merge
+    from stages.common import save_model
+
+    s = _benchmark("public_subspace_proxy")
+    g = torch.randn(12, 50, generator=torch.Generator().manual_seed(0))
+    v, lam = s.top_basis(g, 4)
+    assert torch.allclose(v @ v.T, torch.eye(4), atol=1e-4)  # orthonormal rows
+    _, sv, vh = torch.linalg.svd(g, full_matrices=False)
+    assert torch.allclose(lam.float(), sv[:4] ** 2, rtol=1e-4)
+    assert torch.allclose(v.T @ v, vh[:4].T @ vh[:4], atol=1e-4)  # the same subspace as the top right singular vectors
+    assert s.captured(v, vh[1]) == pytest.approx(1, abs=1e-4) and s.captured(v, vh[6]) == pytest.approx(0, abs=1e-4)
+
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load((ROOT / "tests/tiny_params.yaml").read_text()))
+    cfg = load_section(params, "ldm")
+    torch.manual_seed(0)
+    model = build_ldm(cfg, latent_channels=4, latent_size=4)
+    save_model(tmp_path / "ldm", state_dict=model.state_dict(), config=to_dict(cfg), extra={"latent_shape": [4, 4, 4]})
+    r = torch.Generator().manual_seed(0)
+    z, zt, zp = (torch.randn(n, 4, 4, 4, generator=r) for n in (120, 20, 60))
+    y, yt, yp = torch.arange(120) % 10, torch.arange(20) % 10, torch.arange(60) % 10
+    over = {"finetune.epochs": 1, "finetune.batch_size": 40, "finetune.physical_batch_size": 40}
+
+    def run(**proj):
+        return s.run_variant(params, over, {**s.PROJECTION_KEYS, "examples": 30, "refresh": 2, **proj}, str(tmp_path / "ldm"),
+                             z, y, zt, yt, zp, yp, seed=3)
+    base = run(rank=0)
+    plain = _benchmark("finetune_sweep").run_variant(params, over, str(tmp_path / "ldm"), z, y, zt, yt, seed=3)
+    assert base["heldout_loss"] == plain["heldout_loss"]  # rank 0: finetune_sweep's DP-SGD loop, the same noise
+    identity = run(rank=8, residual=1.0)  # the projection with the whole residual kept is the identity
+    assert identity["heldout_loss"] == pytest.approx(base["heldout_loss"], rel=1e-4)
+    projected = run(rank=8)
+    assert abs(projected["heldout_loss"] - base["heldout_loss"]) > 1e-4
+    assert 0 < projected["proxy_mean_captured"] <= 1 and 0 < projected["public_mean_captured"] <= 1
+    assert 0 < projected["public_rows_kept"] <= 1 and projected["steps"] == base["steps"] == 3
