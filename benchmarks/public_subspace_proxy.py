@@ -13,6 +13,11 @@ are already DP outputs, so the projection is post-processing: no privacy cost. I
 energy and the share of the private signal that lies in the public subspace. ``residual`` 1 is plain DP-SGD;
 since Adam is scale-free, ``residual`` a < 1 is the same as scaling the public directions up by 1 / a.
 
+``mix`` > 0 (with or without the projection) adds public gradients to the released sum instead: the mean of
+``mix_examples`` unit-normed public per-example gradients, drawn afresh at every step, times mix x B x C, as if mix x B
+public examples had joined the batch (DOPE-SGD's public examples in the batch, Nasr et al. 2023, without their noise).
+Public gradients added after the noise are post-processing too.
+
 Also reported, at the pretrained model: the share of the proxy train set's mean unit gradient (the direction
 every clipped per-example gradient pulls to) that the first basis captures, against that of other public examples.
 
@@ -20,7 +25,7 @@ every clipped per-example gradient pulls to) that the first basis captures, agai
     python benchmarks/public_subspace_proxy.py --variant dp-sgd: --variant k64:rank=64,examples=256,refresh=8 \\
         [--variant k128-lr:rank=128,examples=512,refresh=8,finetune.lr=0.01] [--out benchmarks/results/public_subspace_proxy]
 
-A variant is ``name:key=value,...``: rank, examples, refresh, residual, and keys of params.yaml. The DP noise is
+A variant is ``name:key=value,...``: rank, examples, refresh, residual, mix, mix_examples, and keys of params.yaml. The DP noise is
 seeded (``finetune.reproducible_noise``), as in ``finetune_sweep.py``: nothing here is a DP release."""
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ from finetune_sweep import check_public  # noqa: E402
 from pretrain_ldm_sweep import load_splits, overrides_label, parse_variant, write_rows  # noqa: E402
 from provenance import provenance, with_ext, write_table  # noqa: E402
 
-PROJECTION_KEYS = {"rank": 0, "examples": 256, "refresh": 8, "residual": 0.0}
+PROJECTION_KEYS = {"rank": 0, "examples": 256, "refresh": 8, "residual": 0.0, "mix": 0.0, "mix_examples": 64}
 
 
 def unit_gradients(ft: Finetuning, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator, chunk: int = 250) -> torch.Tensor:
@@ -88,8 +93,9 @@ def run_variant(params: dict, over: dict, proj: dict, ldm_dir: str, z, y, zt, yt
     selection, plan = plan_finetune(model, cfg, n=len(z))
     ft = Finetuning(model, selection, plan, cfg, ldm_cfg, z=z, y=y, seed=seed)
     rank, m, refresh, residual = int(proj["rank"]), int(proj["examples"]), int(proj["refresh"]), float(proj["residual"])
+    mix, n_mix = float(proj["mix"]), int(proj["mix_examples"])
     g_loss, g_pick = torch.Generator().manual_seed(seed + 7), torch.Generator().manual_seed(seed + 11)
-    state = {"v": None, "shares": [], "basis_s": 0.0, "first": {}}
+    state = {"v": None, "shares": [], "basis_s": 0.0, "mix_s": 0.0, "first": {}}
 
     def refresh_basis():
         t = time.perf_counter()
@@ -117,6 +123,22 @@ def run_variant(params: dict, over: dict, proj: dict, ldm_dir: str, z, y, zt, yt
                 p.grad = g[at:at + p.numel()].view_as(p).clone()
                 at += p.numel()
         ft.optimizer.add_noise = types.MethodType(projected_add_noise, ft.optimizer)
+    if mix > 0:
+        add_noise_before_mix = ft.optimizer.add_noise
+        scale = mix * ft.optimizer.expected_batch_size * cfg.clip_norm
+
+        def mixed_add_noise(self):
+            add_noise_before_mix()  # p.grad = clipped sum + noise (projected, with rank > 0)
+            t = time.perf_counter()
+            noisy, samples = [p.grad for p in self.params], [p.grad_sample for p in self.params]  # opacus reads both after
+            pick = torch.randperm(len(zp), generator=g_pick)[:n_mix]
+            u = unit_gradients(ft, zp[pick], yp[pick], g_loss).mean(0)  # clears grad / grad_sample
+            at = 0
+            for p, g, gs in zip(self.params, noisy, samples, strict=True):
+                p.grad, p.grad_sample = g + scale * u[at:at + p.numel()].view_as(p), gs
+                at += p.numel()
+            state["mix_s"] += time.perf_counter() - t
+        ft.optimizer.add_noise = types.MethodType(mixed_add_noise, ft.optimizer)
 
     def on_step():
         bar.update()
@@ -132,7 +154,8 @@ def run_variant(params: dict, over: dict, proj: dict, ldm_dir: str, z, y, zt, yt
     ft.finish()
     T = ldm_cfg.num_train_timesteps
     return {"epsilon": eps, "noise_multiplier": plan.noise_multiplier, "lr": cfg.lr, "steps": ft.steps, "rank": rank, "examples": m,
-            "refresh": refresh, "residual": residual, "heldout_loss": heldout_loss(model, zt, yt, cfg=ldm_cfg),
+            "refresh": refresh, "residual": residual, "mix": mix, "mix_examples": n_mix, "mix_s": state["mix_s"],
+            "heldout_loss": heldout_loss(model, zt, yt, cfg=ldm_cfg),
             **{f"heldout_loss_t{q}": heldout_loss(model, zt, yt, cfg=ldm_cfg, t_range=(q * T // 4, (q + 1) * T // 4)) for q in range(4)},
             "public_rows_kept": float(np.mean(state["shares"])) if state["shares"] else float("nan"),
             "proxy_mean_captured": state["first"].get("proxy_mean_captured", float("nan")),
@@ -181,7 +204,8 @@ def main() -> None:
         return format(float(np.mean([x[key] for x in rs])), fmt)
 
     def proj_label(r):
-        return f"{r['rank']} / {r['examples']} / {r['refresh']} / {r['residual']:g}" if r["rank"] else "off (DP-SGD)"
+        label = f"{r['rank']} / {r['examples']} / {r['refresh']} / {r['residual']:g}" if r["rank"] else "off"
+        return label + (f"; public mix {r['mix']:g} x {r['mix_examples']} examples" if r["mix"] else "")
 
     lines = [provenance("public_subspace_proxy.py", None, started), "",
              "# The noisy DP gradient projected onto a public-gradient subspace, judged on a public proxy's held-out latents", "",
@@ -189,9 +213,9 @@ def main() -> None:
              f"{len(zp)} train latents; {torch.get_num_threads()} torch threads, seeded DP noise (not releases), {args.repeats} run(s) "
              f"per variant. That day's `benchmarks/pretrain_step.py`: {args.step_figure or 'not given'}. Captured shares are at the "
              "pretrained model: the share of the mean unit per-example gradient that the first basis spans.", "",
-             "| variant | settings | epsilon | lr | rank k / examples / refresh (steps) / residual | noise energy kept | "
+             "| variant | settings | epsilon | lr | rank k / examples / refresh (steps) / residual; public mix | noise energy kept | "
              "held-out loss (EMA), mean (std) | by quarter of [0, T) (t low to high) | proxy mean captured | public mean captured | "
-             "basis time (s) | wall (s) |",
+             "basis / mix time (s) | wall (s) |",
              "|---|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|"]
     for name, rs in by.items():
         h = np.array([r["heldout_loss"] for r in rs])
@@ -200,7 +224,7 @@ def main() -> None:
                      f"{proj_label(r)} | {r['noise_kept']:.2g} | "
                      f"{h.mean():.4f} ({h.std():.4f}) | {' / '.join(mean(rs, f'heldout_loss_t{q}', '.4f') for q in range(4))} | "
                      f"{mean(rs, 'proxy_mean_captured', '.3f')} | {mean(rs, 'public_mean_captured', '.3f')} | "
-                     f"{mean(rs, 'basis_s', '.0f')} | {mean(rs, 'wall_s', '.0f')} |")
+                     f"{mean(rs, 'basis_s', '.0f')} / {mean(rs, 'mix_s', '.0f')} | {mean(rs, 'wall_s', '.0f')} |")
     write_table(with_ext(out, ".md"), lines)
 
 

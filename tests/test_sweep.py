@@ -699,3 +699,5 @@ def test_public_subspace_projection_spans_the_top_public_directions_and_residual
     assert abs(projected["heldout_loss"] - base["heldout_loss"]) > 1e-4
     assert 0 < projected["proxy_mean_captured"] <= 1 and 0 < projected["public_mean_captured"] <= 1
     assert 0 < projected["public_rows_kept"] <= 1 and projected["steps"] == base["steps"] == 3
+    mixed = run(mix=0.5, mix_examples=10)  # public gradients added to the released sum
+    assert mixed["mix_s"] > 0 and abs(mixed["heldout_loss"] - base["heldout_loss"]) > 1e-4
