@@ -20,6 +20,7 @@ import datetime
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -65,18 +66,25 @@ def with_extra(model: torch.nn.Module, selection: Selection, groups: tuple[str, 
     return dataclasses.replace(selection, names=tuple(n for n, _ in pairs), params=tuple(p for _, p in pairs))
 
 
-def run_variant(params: dict, overrides: dict, ldm_dir: str, z, y, zt, yt, seed: int, extra: tuple[str, ...] = ()) -> dict:
+def run_variant(params: dict, overrides: dict, ldm_dir: str, z, y, zt, yt, seed: int, extra: tuple[str, ...] = (),
+                attach: Callable[[Finetuning], Callable[[], None]] | None = None) -> dict:
+    """One seeded DP run of the variant and its held-out losses. ``attach(ft)``, if given, runs once the fine-tuning is
+    built (before the clock starts) and returns a callback for every logical step (``public_subspace_proxy.py``)."""
     cfg = load_section(with_overrides(params, {**overrides, "finetune.reproducible_noise": True}), "finetune")
     model, ldm_cfg, _ = load_ldm(ldm_dir)
     selection, plan = plan_finetune(model, cfg, n=len(z))
     if extra:
         selection = with_extra(model, selection, extra)
     ft = Finetuning(model, selection, plan, cfg, ldm_cfg, z=z, y=y, seed=seed)
+    each_step = attach(ft) if attach is not None else (lambda: None)
     t0 = time.perf_counter()
     last = []
     with tqdm(total=ft.total_steps, desc=str(overrides or "defaults"), mininterval=10) as bar:
+        def on_step():
+            bar.update()
+            each_step()
         for _ in range(ft.epochs):
-            last = ft.run_epoch(on_step=lambda: bar.update())
+            last = ft.run_epoch(on_step=on_step)
     wall = time.perf_counter() - t0
     eps = ft.epsilon()
     v_ratio = second_moment_over_noise(ft)

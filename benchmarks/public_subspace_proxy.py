@@ -39,17 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from tqdm import tqdm
 
-from dpldm.config import load_all, load_section, with_overrides
+from dpldm.config import load_all
 from dpldm.diffusion import eps_loss
-from dpldm.finetune import Finetuning, plan_finetune
-from dpldm.training import heldout_loss
-from stages.artifacts import load_ldm
+from dpldm.finetune import Finetuning
 from stages.common import load_latents
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_sweep import check_public  # noqa: E402
+from finetune_sweep import check_public, run_variant as run_dp_variant  # noqa: E402
 from pretrain_ldm_sweep import load_splits, overrides_label, parse_variant, write_rows  # noqa: E402
 from provenance import provenance, with_ext, write_table  # noqa: E402
 
@@ -88,80 +85,68 @@ def captured(v: torch.Tensor, x: torch.Tensor) -> float:
 
 
 def run_variant(params: dict, over: dict, proj: dict, ldm_dir: str, z, y, zt, yt, zp, yp, seed: int) -> dict:
-    cfg = load_section(with_overrides(params, {**over, "finetune.reproducible_noise": True}), "finetune")
-    model, ldm_cfg, _ = load_ldm(ldm_dir)
-    selection, plan = plan_finetune(model, cfg, n=len(z))
-    ft = Finetuning(model, selection, plan, cfg, ldm_cfg, z=z, y=y, seed=seed)
+    """``finetune_sweep.run_variant``'s DP run with the projection and / or the public mix attached to its optimizer."""
     rank, m, refresh, residual = int(proj["rank"]), int(proj["examples"]), int(proj["refresh"]), float(proj["residual"])
     mix, n_mix = float(proj["mix"]), int(proj["mix_examples"])
     g_loss, g_pick = torch.Generator().manual_seed(seed + 7), torch.Generator().manual_seed(seed + 11)
-    state = {"v": None, "shares": [], "basis_s": 0.0, "mix_s": 0.0, "first": {}}
+    state = {"v": None, "shares": [], "basis_s": 0.0, "mix_s": 0.0, "first": {}, "noise_kept": 1.0}
 
-    def refresh_basis():
-        t = time.perf_counter()
-        pick = torch.randperm(len(zp), generator=g_pick)[:m]
-        g = unit_gradients(ft, zp[pick], yp[pick], g_loss)
-        state["v"], lam = top_basis(g, rank)
-        state["shares"].append(float(lam.sum()) / m)  # share of the public rows' own energy the basis keeps
-        state["basis_s"] += time.perf_counter() - t
-
-    if rank > 0:
-        refresh_basis()
-        v = state["v"]
-        held = torch.randperm(len(zp), generator=torch.Generator().manual_seed(seed + 13))[:m]
-        state["first"] = {"proxy_mean_captured": captured(v, unit_gradients(ft, z[:m], y[:m], g_loss).mean(0)),
-                          "public_mean_captured": captured(v, unit_gradients(ft, zp[held], yp[held], g_loss).mean(0))}
-        add_noise = ft.optimizer.add_noise
-
-        def projected_add_noise(self):
-            add_noise()  # p.grad = clipped sum + noise
-            g = torch.cat([p.grad.reshape(-1) for p in self.params])
-            inside = state["v"].T @ (state["v"] @ g)
-            g = inside + residual * (g - inside)
-            at = 0
-            for p in self.params:
-                p.grad = g[at:at + p.numel()].view_as(p).clone()
-                at += p.numel()
-        ft.optimizer.add_noise = types.MethodType(projected_add_noise, ft.optimizer)
-    if mix > 0:
-        add_noise_before_mix = ft.optimizer.add_noise
-        scale = mix * ft.optimizer.expected_batch_size * cfg.clip_norm
-
-        def mixed_add_noise(self):
-            add_noise_before_mix()  # p.grad = clipped sum + noise (projected, with rank > 0)
+    def attach(ft: Finetuning):
+        def refresh_basis():
             t = time.perf_counter()
-            noisy, samples = [p.grad for p in self.params], [p.grad_sample for p in self.params]  # opacus reads both after
-            pick = torch.randperm(len(zp), generator=g_pick)[:n_mix]
-            u = unit_gradients(ft, zp[pick], yp[pick], g_loss).mean(0)  # clears grad / grad_sample
-            at = 0
-            for p, g, gs in zip(self.params, noisy, samples, strict=True):
-                p.grad, p.grad_sample = g + scale * u[at:at + p.numel()].view_as(p), gs
-                at += p.numel()
-            state["mix_s"] += time.perf_counter() - t
-        ft.optimizer.add_noise = types.MethodType(mixed_add_noise, ft.optimizer)
+            pick = torch.randperm(len(zp), generator=g_pick)[:m]
+            g = unit_gradients(ft, zp[pick], yp[pick], g_loss)
+            state["v"], lam = top_basis(g, rank)
+            state["shares"].append(float(lam.sum()) / m)  # share of the public rows' own energy the basis keeps
+            state["basis_s"] += time.perf_counter() - t
 
-    def on_step():
-        bar.update()
-        if rank > 0 and refresh and ft.steps % refresh == 0 and ft.steps < ft.total_steps:
+        if rank > 0:
             refresh_basis()
+            v = state["v"]
+            held = torch.randperm(len(zp), generator=torch.Generator().manual_seed(seed + 13))[:m]
+            state["first"] = {"proxy_mean_captured": captured(v, unit_gradients(ft, z[:m], y[:m], g_loss).mean(0)),
+                              "public_mean_captured": captured(v, unit_gradients(ft, zp[held], yp[held], g_loss).mean(0))}
+            state["noise_kept"] = rank / ft.selection.trainable_params
+            add_noise = ft.optimizer.add_noise
 
-    t0 = time.perf_counter()
-    with tqdm(total=ft.total_steps, desc=overrides_label({**over, **proj}), mininterval=10) as bar:
-        for _ in range(ft.epochs):
-            ft.run_epoch(on_step=on_step)
-    wall = time.perf_counter() - t0
-    eps = ft.epsilon()
-    ft.finish()
-    T = ldm_cfg.num_train_timesteps
-    return {"epsilon": eps, "noise_multiplier": plan.noise_multiplier, "lr": cfg.lr, "steps": ft.steps, "rank": rank, "examples": m,
-            "refresh": refresh, "residual": residual, "mix": mix, "mix_examples": n_mix, "mix_s": state["mix_s"],
-            "heldout_loss": heldout_loss(model, zt, yt, cfg=ldm_cfg),
-            **{f"heldout_loss_t{q}": heldout_loss(model, zt, yt, cfg=ldm_cfg, t_range=(q * T // 4, (q + 1) * T // 4)) for q in range(4)},
-            "public_rows_kept": float(np.mean(state["shares"])) if state["shares"] else float("nan"),
+            def projected_add_noise(self):
+                add_noise()  # p.grad = clipped sum + noise
+                g = torch.cat([p.grad.reshape(-1) for p in self.params])
+                inside = state["v"].T @ (state["v"] @ g)
+                g = inside + residual * (g - inside)
+                at = 0
+                for p in self.params:
+                    p.grad = g[at:at + p.numel()].view_as(p).clone()
+                    at += p.numel()
+            ft.optimizer.add_noise = types.MethodType(projected_add_noise, ft.optimizer)
+        if mix > 0:
+            add_noise_before_mix = ft.optimizer.add_noise
+            scale = mix * ft.optimizer.expected_batch_size * ft.cfg.clip_norm
+
+            def mixed_add_noise(self):
+                add_noise_before_mix()  # p.grad = clipped sum + noise (projected, with rank > 0)
+                t = time.perf_counter()
+                noisy, samples = [p.grad for p in self.params], [p.grad_sample for p in self.params]  # opacus reads both after
+                pick = torch.randperm(len(zp), generator=g_pick)[:n_mix]
+                u = unit_gradients(ft, zp[pick], yp[pick], g_loss).mean(0)  # clears grad / grad_sample
+                at = 0
+                for p, g, gs in zip(self.params, noisy, samples, strict=True):
+                    p.grad, p.grad_sample = g + scale * u[at:at + p.numel()].view_as(p), gs
+                    at += p.numel()
+                state["mix_s"] += time.perf_counter() - t
+            ft.optimizer.add_noise = types.MethodType(mixed_add_noise, ft.optimizer)
+
+        def each_step():
+            if rank > 0 and refresh and ft.steps % refresh == 0 and ft.steps < ft.total_steps:
+                refresh_basis()
+        return each_step
+
+    r = run_dp_variant(params, over, ldm_dir, z, y, zt, yt, seed, attach=attach)
+    return {**r, "rank": rank, "examples": m, "refresh": refresh, "residual": residual, "mix": mix, "mix_examples": n_mix,
+            "mix_s": state["mix_s"], "public_rows_kept": float(np.mean(state["shares"])) if state["shares"] else float("nan"),
             "proxy_mean_captured": state["first"].get("proxy_mean_captured", float("nan")),
             "public_mean_captured": state["first"].get("public_mean_captured", float("nan")),
-            "noise_kept": rank / sum(p.numel() for p in selection.params) if rank else 1.0,
-            "basis_s": state["basis_s"], "wall_s": wall}
+            "noise_kept": state["noise_kept"], "basis_s": state["basis_s"]}
 
 
 def main() -> None:
