@@ -370,9 +370,15 @@ class ClassifierConfig:
     mlp_max_iter: int
     logreg_C: float
     max_train: int  # cap on training images (0 = all)
+    cnn_augment_shift: float  # the CNN's training images shifted by up to this share of their size (0 = off)
+    cnn_augment_rotate: float  # ... rotated by up to this many degrees (0 = off)
+    cnn_augment_scale: float  # ... scaled by a factor in [1 - s, 1 + s] (0 = off)
 
     def __post_init__(self):
         check(self.cnn_epochs >= 1, "classifier.cnn_epochs", self.cnn_epochs, "an integer >= 1")
+        check(0 <= self.cnn_augment_shift <= 0.5, "classifier.cnn_augment_shift", self.cnn_augment_shift, "a number in [0, 0.5]")
+        check(0 <= self.cnn_augment_rotate <= 180, "classifier.cnn_augment_rotate", self.cnn_augment_rotate, "degrees in [0, 180]")
+        check(0 <= self.cnn_augment_scale < 1, "classifier.cnn_augment_scale", self.cnn_augment_scale, "a number in [0, 1)")
         check(self.seeds >= 1, "classifier.seeds", self.seeds, "an integer >= 1")
         check(0 < self.val_fraction < 0.5, "classifier.val_fraction", self.val_fraction, "a number in (0, 0.5)")
         check(self.logreg_C > 0, "classifier.logreg_C", self.logreg_C, "a number > 0")

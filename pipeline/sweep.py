@@ -105,10 +105,12 @@ def setting_label(row: pd.Series) -> str:
 
 
 def exp_run_args(name: str, setting: dict) -> list[str]:
-    """``exp run -n NAME -S key=value ...`` (values as YAML flow scalars and lists)."""
+    """``exp run -n NAME -S ++key=value ...`` (values as YAML flow scalars and lists). ``++`` (Hydra's "set or add"):
+    a key the experiment's params.yaml lacks is added, as when an older experiment is re-scored with a key added to the
+    code since (``rescore_sweep``'s "head"); a misspelt key still stops the stage (dpldm.config refuses unknown keys)."""
     args = ["exp", "run", "-n", name]
     for key, value in setting.items():
-        args += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
+        args += ["-S", f"++{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
     return args
 
 

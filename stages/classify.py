@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 
 from dpldm.config import ClassifierConfig
-from dpldm.metrics import confusion, fit_sklearn, predict, sklearn_predict, train_cnn
+from dpldm.metrics import Augment, confusion, fit_sklearn, predict, sklearn_predict, train_cnn
 
 
 def split_validation(x: np.ndarray, y: np.ndarray, *, fraction: float, seed: int):
@@ -28,8 +28,9 @@ def fit_and_score(cfg: ClassifierConfig, train_x: np.ndarray, train_y: np.ndarra
         keep = np.random.default_rng(seed).choice(len(train_y), cfg.max_train, replace=False)
         train_x, train_y = train_x[keep], train_y[keep]
     xt, yt, xv, yv = split_validation(train_x, train_y, fraction=cfg.val_fraction, seed=seed)
+    augment = Augment(shift=cfg.cnn_augment_shift, rotate=cfg.cnn_augment_rotate, scale=cfg.cnn_augment_scale)
     cnns = [train_cnn(xt, yt, xv, yv, num_classes=num_classes, epochs=cfg.cnn_epochs, batch_size=cfg.cnn_batch_size,
-                      lr=cfg.cnn_lr, seed=seed + s) for s in range(cfg.seeds)]
+                      lr=cfg.cnn_lr, seed=seed + s, augment=augment) for s in range(cfg.seeds)]
     mlp, mlp_alpha, mlp_val = fit_sklearn("mlp", xt, yt, xv, yv, seed=seed, mlp_hidden=cfg.mlp_hidden, mlp_max_iter=cfg.mlp_max_iter)
     lr, lr_c, lr_val = fit_sklearn("logreg", xt, yt, xv, yv, seed=seed, logreg_C=cfg.logreg_C)
     # every choice is made: only now the real test split is read

@@ -468,8 +468,8 @@ def test_with_audit_turns_the_opt_in_audit_on_in_each_experiment_and_only_then(t
         calls.clear()
         sw.run_sweep([("e1", {"finetune.epsilon": 1})], repo=str(tmp_path), audit=audit)
         (run,) = [c for c in calls if c[:2] == ("exp", "run")]
-        assert "finetune.epsilon=1" in run
-        assert ("audit.enabled=true" in run) == audit and ("audit" in run) == audit  # the flag and the stage as a target
+        assert "++finetune.epsilon=1" in run
+        assert ("++audit.enabled=true" in run) == audit and ("audit" in run) == audit  # the flag and the stage as a target
     assert "enabled: false" in (tmp_path / "params.yaml").read_text()  # the workspace's params stay as they were
 
 
@@ -701,3 +701,41 @@ def test_public_subspace_projection_spans_the_top_public_directions_and_residual
     assert 0 < projected["public_rows_kept"] <= 1 and projected["steps"] == base["steps"] == 3
     mixed = run(mix=0.5, mix_examples=10)  # public gradients added to the released sum
     assert mixed["mix_s"] > 0 and abs(mixed["heldout_loss"] - base["heldout_loss"]) > 1e-4
+
+
+def test_classifier_recipes_parses_its_arguments_and_tests_on_public_data_only(tmp_path, monkeypatch):
+    import sys
+
+    import numpy as np
+
+    from helpers import ROOT
+    from stages.common import write_images
+
+    cr = _benchmark("classifier_recipes")
+    assert cr.parse_recipe("affine:shift=0.0625,rotate=10,epochs=3") == ("affine", {"shift": 0.0625, "rotate": 10.0, "epochs": 3})
+    assert cr.parse_recipe("none:") == ("none", {})
+    for bad in ("affine:tilt=3", "affine:rotate=ten", ":shift=0.1"):
+        with pytest.raises(SystemExit, match="--recipe"):
+            cr.parse_recipe(bad)
+    assert cr.parse_case("a=x/s.parquet@y/i.parquet:test") == ("a", ("x/s.parquet", None), ("y/i.parquet", "test"))
+    with pytest.raises(SystemExit, match="--case"):
+        cr.parse_case("a=x.parquet")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (60, 8, 8, 1), dtype=np.uint8)
+    labels, split = np.arange(60) % 10, ["train"] * 40 + ["test"] * 20
+    for name, source in (("public", "fontdigits"), ("private", "mnist5k")):
+        write_images(tmp_path / f"{name}.parquet", images=images, labels=labels, split=split, source_index=np.arange(60),
+                     class_names=[str(i) for i in range(10)], source=source)
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "recipes"
+    argv = ["classifier_recipes.py", "--case", f"t={tmp_path}/public.parquet:train@{tmp_path}/private.parquet:test",
+            "--recipe", "none:epochs=1", "--seeds", "1", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="not public"):  # invariant 7: never chosen on the private test split
+        cr.main()
+    argv[2] = f"t={tmp_path}/public.parquet:train@{tmp_path}/public.parquet:test"
+    argv[4] = "affine:shift=0.1,rotate=10,epochs=1"
+    cr.main()
+    row = pd.read_csv(out.with_suffix(".csv")).iloc[0]
+    assert (row["case"], row["recipe"], row["epochs"], row["n_test"]) == ("t", "affine", 1, 20) and 0 <= row["test_accuracy"] <= 1
+    assert "| t | affine | 0.1 | 10 | 0 | 1 |" in out.with_suffix(".md").read_text()
