@@ -115,7 +115,8 @@ def apply_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     # sampled as x + 1, so that the zeros grid_sample pads with are the background -1
     out = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
     # returned with the strides uint8_to_input's images have (channels last, as decoded): the SmallCNN's forward runs
-    # 2.3x faster on them than on grid_sample's NCHW strides (one-channel images: the same bytes, other kernels)
+    # about 2x faster on them than on grid_sample's NCHW strides (one-channel images: the same bytes, other kernels;
+    # benchmarks/small_cnn_strides.py)
     b, c, h, w = out.shape
     return torch.empty_strided(out.shape, (h * w * c, 1, w * c, c), dtype=out.dtype).copy_(out)
 
