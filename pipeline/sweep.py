@@ -104,14 +104,40 @@ def setting_label(row: pd.Series) -> str:
     return label
 
 
-def exp_run_args(name: str, setting: dict) -> list[str]:
-    """``exp run -n NAME -S ++key=value ...`` (values as YAML flow scalars and lists). ``++`` (Hydra's "set or add"):
-    a key the experiment's params.yaml lacks is added, as when an older experiment is re-scored with a key added to the
-    code since (``rescore_sweep``'s "head"); a misspelt key still stops the stage (dpldm.config refuses unknown keys)."""
+def exp_run_args(name: str, setting: dict, *, added: frozenset | set = frozenset()) -> list[str]:
+    """``exp run -n NAME -S key=value ...`` (values as YAML flow scalars and lists). Keys in ``added`` go as
+    ``-S ++key=value`` (Hydra's "set or add"): keys the workspace's params.yaml lacks, which ``rescore_sweep`` adds when it
+    re-scores an older experiment with a key this commit's code has (``missing_keys``). Every other key must exist, so
+    that DVC refuses a misspelt one."""
     args = ["exp", "run", "-n", name]
     for key, value in setting.items():
-        args += ["-S", f"++{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
+        text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()
+        args += ["-S", f"{'++' if key in added else ''}{key}={text}"]
     return args
+
+
+def keys_to_add(experiment: dict, head: dict, overrides: dict) -> set[str]:
+    """The keys of ``overrides`` that an applied experiment's params (``experiment``) lack but the workspace's own
+    params.yaml (``head``) has: a key added since the experiment ran, which re-scoring adds (``exp_run_args``'s
+    ``added``). A key that neither has is refused by name, as DVC refuses a misspelt one."""
+    absent = missing_keys(experiment, overrides)
+    unknown = missing_keys(head, absent)
+    if unknown:
+        raise SystemExit(f"cannot re-score with {', '.join(sorted(unknown))}: no such key in params.yaml")
+    return absent
+
+
+def missing_keys(params: dict, keys) -> set[str]:
+    """The dotted ``keys`` that the nested mapping ``params`` does not hold."""
+    out = set()
+    for key in keys:
+        node = params
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                out.add(key)
+                break
+            node = node[part]
+    return out
 
 
 def kept(name: str, existing: set[str], *, rerun: bool, repo: str, who: str) -> bool:
@@ -237,9 +263,10 @@ def rescore_sweep(pairs: list[tuple[str, str, dict]], *, repo: str = ".", rerun:
                 restored = restore_head_code(repo)
                 print(f"rescore: {name} with this commit's code ({len(restored)} files restored after exp apply)")
             before = _release_hash(repo, model)
+            absent = keys_to_add(yaml.safe_load(params_file.read_text()) or {}, yaml.safe_load(original) or {}, overrides)
             # --downstream: from the stages after the release only. dp_finetune itself looks changed after
             # `exp apply` (its private dvclive folder is never in git), and must not run again
-            dvc(*exp_run_args(name, overrides), "--downstream", *starts, repo=repo)
+            dvc(*exp_run_args(name, overrides, added=absent), "--downstream", *starts, repo=repo)
             if _release_hash(repo, model) != before:
                 raise RuntimeError(f"re-scoring {base} as {name} trained {model} again: not a re-score")
     finally:

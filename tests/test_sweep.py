@@ -468,8 +468,8 @@ def test_with_audit_turns_the_opt_in_audit_on_in_each_experiment_and_only_then(t
         calls.clear()
         sw.run_sweep([("e1", {"finetune.epsilon": 1})], repo=str(tmp_path), audit=audit)
         (run,) = [c for c in calls if c[:2] == ("exp", "run")]
-        assert "++finetune.epsilon=1" in run
-        assert ("++audit.enabled=true" in run) == audit and ("audit" in run) == audit  # the flag and the stage as a target
+        assert "finetune.epsilon=1" in run
+        assert ("audit.enabled=true" in run) == audit and ("audit" in run) == audit  # the flag and the stage as a target
     assert "enabled: false" in (tmp_path / "params.yaml").read_text()  # the workspace's params stay as they were
 
 
@@ -739,3 +739,20 @@ def test_classifier_recipes_parses_its_arguments_and_tests_on_public_data_only(t
     row = pd.read_csv(out.with_suffix(".csv")).iloc[0]
     assert (row["case"], row["recipe"], row["epochs"], row["n_test"]) == ("t", "affine", 1, 20) and 0 <= row["test_accuracy"] <= 1
     assert "| t | affine | 0.1 | 10 | 0 | 1 |" in out.with_suffix(".md").read_text()
+
+
+def test_rescoring_adds_only_keys_the_code_has_and_the_experiment_lacks():
+    from pipeline.sweep import exp_run_args, keys_to_add, missing_keys
+
+    experiment = {"classifier": {"cnn_epochs": 8}, "sample": {"steps": 10}}
+    head = {"classifier": {"cnn_epochs": 8, "cnn_augment_shift": 0.0}, "sample": {"steps": 10}}
+    assert missing_keys(head, ["classifier.cnn_epochs", "classifier.nope", "nope.x", "sample.steps.deeper"]) == {
+        "classifier.nope", "nope.x", "sample.steps.deeper"}
+    overrides = {"classifier.cnn_augment_shift": 0.0625, "sample.steps": 25}
+    added = keys_to_add(experiment, head, overrides)
+    assert added == {"classifier.cnn_augment_shift"}
+    args = exp_run_args("e-aug", overrides, added=added)
+    assert "++classifier.cnn_augment_shift=0.0625" in args and "sample.steps=25" in args
+    assert exp_run_args("e", {"finetune.layers": [1, 7]}) == ["exp", "run", "-n", "e", "-S", "finetune.layers=[1, 7]"]
+    with pytest.raises(SystemExit, match="classifier.cnn_agument_shift"):  # misspelt: in neither params file
+        keys_to_add(experiment, head, {"classifier.cnn_agument_shift": 0.1})
