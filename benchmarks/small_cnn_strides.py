@@ -43,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(load_section(params, "runtime").threads or torch.get_num_threads())
     x, y, _ = read_images(args.images, split="train")
     x, y = uint8_to_input(x[:args.n]), torch.from_numpy(y[:args.n]).long()
-    aug = Augment(shift=clf.cnn_augment_shift, rotate=clf.cnn_augment_rotate, scale=clf.cnn_augment_scale)
+    aug = Augment.of(clf)
     if not aug.active:
         aug = Augment(shift=0.0625, rotate=10.0, scale=0.1)
     moved = random_affine(x, aug, torch.Generator().manual_seed(0))

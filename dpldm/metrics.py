@@ -96,6 +96,11 @@ class Augment:
     def active(self) -> bool:
         return bool(self.shift or self.rotate or self.scale)
 
+    @classmethod
+    def of(cls, cfg) -> Augment:
+        """The augmentation a ``ClassifierConfig`` (params.yaml's ``classifier``) asks for."""
+        return cls(shift=cfg.cnn_augment_shift, rotate=cfg.cnn_augment_rotate, scale=cfg.cnn_augment_scale)
+
 
 def random_theta(n: int, aug: Augment, generator: torch.Generator) -> torch.Tensor:
     """[n, 2, 3] affine maps in ``F.affine_grid``'s convention, each drawn uniformly within ``aug``'s ranges."""

@@ -107,7 +107,7 @@ def setting_label(row: pd.Series) -> str:
 def exp_run_args(name: str, setting: dict, *, added: frozenset | set = frozenset()) -> list[str]:
     """``exp run -n NAME -S key=value ...`` (values as YAML flow scalars and lists). Keys in ``added`` go as
     ``-S ++key=value`` (Hydra's "set or add"): keys the workspace's params.yaml lacks, which ``rescore_sweep`` adds when it
-    re-scores an older experiment with a key this commit's code has (``missing_keys``). Every other key must exist, so
+    re-scores an older experiment with a key this commit's code has (``keys_to_add``). Every other key must exist, so
     that DVC refuses a misspelt one."""
     args = ["exp", "run", "-n", name]
     for key, value in setting.items():
@@ -251,6 +251,7 @@ def rescore_sweep(pairs: list[tuple[str, str, dict]], *, repo: str = ".", rerun:
         check_rescore_keys(overrides, stages)
     params_file = Path(repo) / "params.yaml"
     original = params_file.read_text()
+    head_params = yaml.safe_load(original) or {}  # the workspace's own keys: what re-scoring may add
     try:
         existing = set(comparison(repo=repo, num_commits=100)["experiment"])
         for base, name, overrides in pairs:
@@ -263,7 +264,7 @@ def rescore_sweep(pairs: list[tuple[str, str, dict]], *, repo: str = ".", rerun:
                 restored = restore_head_code(repo)
                 print(f"rescore: {name} with this commit's code ({len(restored)} files restored after exp apply)")
             before = _release_hash(repo, model)
-            absent = keys_to_add(yaml.safe_load(params_file.read_text()) or {}, yaml.safe_load(original) or {}, overrides)
+            absent = keys_to_add(yaml.safe_load(params_file.read_text()) or {}, head_params, overrides)
             # --downstream: from the stages after the release only. dp_finetune itself looks changed after
             # `exp apply` (its private dvclive folder is never in git), and must not run again
             dvc(*exp_run_args(name, overrides, added=absent), "--downstream", *starts, repo=repo)

@@ -28,7 +28,7 @@ def fit_and_score(cfg: ClassifierConfig, train_x: np.ndarray, train_y: np.ndarra
         keep = np.random.default_rng(seed).choice(len(train_y), cfg.max_train, replace=False)
         train_x, train_y = train_x[keep], train_y[keep]
     xt, yt, xv, yv = split_validation(train_x, train_y, fraction=cfg.val_fraction, seed=seed)
-    augment = Augment(shift=cfg.cnn_augment_shift, rotate=cfg.cnn_augment_rotate, scale=cfg.cnn_augment_scale)
+    augment = Augment.of(cfg)
     cnns = [train_cnn(xt, yt, xv, yv, num_classes=num_classes, epochs=cfg.cnn_epochs, batch_size=cfg.cnn_batch_size,
                       lr=cfg.cnn_lr, seed=seed + s, augment=augment) for s in range(cfg.seeds)]
     mlp, mlp_alpha, mlp_val = fit_sklearn("mlp", xt, yt, xv, yv, seed=seed, mlp_hidden=cfg.mlp_hidden, mlp_max_iter=cfg.mlp_max_iter)
