@@ -756,3 +756,28 @@ def test_rescoring_adds_only_keys_the_code_has_and_the_experiment_lacks():
     assert exp_run_args("e", {"finetune.layers": [1, 7]}) == ["exp", "run", "-n", "e", "-S", "finetune.layers=[1, 7]"]
     with pytest.raises(SystemExit, match="classifier.cnn_agument_shift"):  # misspelt: in neither params file
         keys_to_add(experiment, head, {"classifier.cnn_agument_shift": 0.1})
+
+
+def test_proxy_tradeoff_refuses_private_data_and_keeps_the_first_samples_of_each_class(tmp_path):
+    import numpy as np
+    import yaml
+
+    from helpers import ROOT
+
+    s = _benchmark("proxy_tradeoff")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    with pytest.raises(SystemExit, match="public proxy"):
+        s.check_public(params, tmp_path / "params.yaml")  # the embedded default's private set: refused
+    params["data"]["private"]["source"] = "digits8x8"
+    s.check_public(params, tmp_path / "params.yaml")
+    y = np.array([0, 1, 0, 2, 1, 0, 2, 2, 1])
+    keep = s.first_per_class(y, 2)
+    assert keep.tolist() == [0, 1, 2, 3, 4, 6]  # in row order, two per class, the first ones drawn
+    with pytest.raises(SystemExit, match="class 0 has 3 samples"):
+        s.first_per_class(y, 4)
+    assert s.parse_release("dp10/1=x.parquet") == ("dp10", 1, (Path.cwd() / "x.parquet").resolve())
+    with pytest.raises(SystemExit, match="expected name/REPEAT"):
+        s.parse_release("dp10=x.parquet")
+    assert s.parse_variant("dp10:finetune.epochs=10") == ("dp10", {"finetune.epochs": 10})
+    with pytest.raises(SystemExit, match="no '/'"):
+        s.parse_variant("a/b:finetune.epochs=10")
