@@ -73,6 +73,24 @@ def load(path: str, split: str | None, *, public_only: bool):
     return x, y
 
 
+def cnn_seeds(xt, yt, xv, yv, test_x, test_y, *, num_classes: int, epochs: int, clf, augment, seeds: int):
+    """``seeds`` SmallCNNs (seeds 0, 1, ...) trained as score_classifier trains them, with ``clf``'s batch size and lr and
+    the epoch chosen on (xv, yv), each then tested on (test_x, test_y): lists of (test accuracy, validation accuracy,
+    chosen epoch, seconds), one entry per seed."""
+    from dpldm.metrics import predict, train_cnn
+
+    accs, vals, best, secs = [], [], [], []
+    for s in range(seeds):
+        t0 = time.perf_counter()
+        fit = train_cnn(xt, yt, xv, yv, num_classes=num_classes, epochs=epochs, batch_size=clf.cnn_batch_size, lr=clf.cnn_lr,
+                        seed=s, augment=augment)
+        secs.append(time.perf_counter() - t0)
+        accs.append(float((predict(fit.model, test_x) == test_y).mean()))
+        vals.append(fit.val_accuracy)
+        best.append(fit.best_epoch)
+    return accs, vals, best, secs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", action="append", required=True, help="NAME=TRAIN[:SPLIT]@TEST[:SPLIT]")
@@ -89,7 +107,7 @@ def main() -> None:
     import torch
 
     from dpldm.config import load_section
-    from dpldm.metrics import Augment, predict, train_cnn
+    from dpldm.metrics import Augment
     from stages.classify import split_validation
     from stages.common import read_params
 
@@ -108,15 +126,8 @@ def main() -> None:
         for name, r in recipes:
             aug = Augment(shift=r.get("shift", 0.0), rotate=r.get("rotate", 0.0), scale=r.get("scale", 0.0))
             epochs = r.get("epochs", clf.cnn_epochs)
-            accs, vals, secs, best = [], [], [], []
-            for s in range(args.seeds):
-                t0 = time.perf_counter()
-                fit = train_cnn(xt, yt, xv, yv, num_classes=k, epochs=epochs, batch_size=clf.cnn_batch_size, lr=clf.cnn_lr,
-                                seed=s, augment=aug)
-                secs.append(time.perf_counter() - t0)
-                accs.append(float((predict(fit.model, test_x) == test_y).mean()))
-                vals.append(fit.val_accuracy)
-                best.append(fit.best_epoch)
+            accs, vals, best, secs = cnn_seeds(xt, yt, xv, yv, test_x, test_y, num_classes=k, epochs=epochs, clf=clf,
+                                               augment=aug, seeds=args.seeds)
             rows.append({"case": case, "recipe": name, "shift": aug.shift, "rotate": aug.rotate, "scale": aug.scale,
                          "epochs": epochs, "test_accuracy": float(np.mean(accs)), "test_std": float(np.std(accs)),
                          "val_accuracy": float(np.mean(vals)), "best_epochs": " ".join(map(str, best)),

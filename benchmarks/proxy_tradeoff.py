@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
+from classifier_recipes import cnn_seeds  # noqa: E402
 from provenance import provenance, with_ext, write_table  # noqa: E402
 
 PUBLIC_SOURCES = ("digits8x8", "fontdigits")
@@ -124,7 +125,7 @@ def main() -> None:
     import torch
 
     from dpldm.config import load_section, with_overrides
-    from dpldm.metrics import Augment, predict, train_cnn
+    from dpldm.metrics import Augment
     from stages.classify import split_validation
     from stages.common import read_images
 
@@ -178,13 +179,8 @@ def main() -> None:
             keep = first_per_class(y, n // k)
             xt, yt, xv, yv = split_validation(x[keep], y[keep], fraction=clf.val_fraction, seed=0)
             for epochs in args.cnn_epochs or [clf.cnn_epochs]:
-                accs, cnn_s = [], []
-                for s in range(args.seeds):
-                    t0 = time.perf_counter()
-                    fit = train_cnn(xt, yt, xv, yv, num_classes=k, epochs=epochs, batch_size=clf.cnn_batch_size, lr=clf.cnn_lr,
-                                    seed=s, augment=augment)
-                    cnn_s.append(time.perf_counter() - t0)
-                    accs.append(float((predict(fit.model, test_x) == test_y).mean()))
+                accs, _, _, cnn_s = cnn_seeds(xt, yt, xv, yv, test_x, test_y, num_classes=k, epochs=epochs, clf=clf,
+                                              augment=augment, seeds=args.seeds)
                 rows.append({"variant": name, "repeat": r, "overrides": ",".join(f"{a}={b}" for a, b in over.items()) or "-",
                              "dp_finetune_s": secs.get("dp_finetune", float("nan")), "sample_s": secs.get("sample", float("nan")),
                              "label_consistency": fid["label_consistency"], "fid_domain": fid["fid_domain"],
