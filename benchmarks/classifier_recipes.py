@@ -68,7 +68,7 @@ def load(path: str, split: str | None, *, public_only: bool):
 
     x, y, meta = read_images(path, split=split)
     if public_only and meta.get("source") not in PUBLIC_SOURCES:
-        raise SystemExit(f"{path}: source {meta.get('source')!r} is not public ({', '.join(PUBLIC_SOURCES)}): a recipe may "
+        raise SystemExit(f"{path}: source {meta.get('source')!r} is not public ({', '.join(PUBLIC_SOURCES)}): a setting may "
                          f"only be chosen on public data (invariant 7)")
     return x, y
 

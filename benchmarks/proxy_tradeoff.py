@@ -36,11 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
-from classifier_recipes import cnn_seeds  # noqa: E402
+from classifier_recipes import PUBLIC_SOURCES, cnn_seeds, load  # noqa: E402
 from provenance import provenance, with_ext, write_table  # noqa: E402
-
-PUBLIC_SOURCES = ("digits8x8", "fontdigits")
-
 
 def parse_variant(text: str) -> tuple[str, dict]:
     from pipeline.sweep import parse_assignments
@@ -161,9 +158,7 @@ def main() -> None:
     clf = load_section(base, "classifier")
     torch.set_num_threads(load_section(base, "runtime").threads or torch.get_num_threads())
     augment = Augment.of(clf)
-    test_x, test_y, test_meta = read_images(private, split="test")
-    if test_meta.get("source") not in PUBLIC_SOURCES:
-        raise SystemExit(f"{private}: source {test_meta.get('source')!r} is not public (invariant 7)")
+    test_x, test_y = load(private, "test", public_only=True)  # invariant 7: refused unless the proxy's set is public
     rows = []
     for name, r, over, path, secs in releases:
         d = scratch / f"fid_{name}_{r}"
