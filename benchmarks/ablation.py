@@ -33,6 +33,7 @@ from dp_step import measure  # noqa: E402
 
 from pipeline.sweep import comparison, plot, run_sweep  # noqa: E402
 from provenance import provenance  # noqa: E402
+from quality import PROTOCOL  # noqa: E402
 
 EPSILONS = (1, 10)
 VARIANTS = {  # name -> finetune overrides
@@ -94,7 +95,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/ablation")
     ap.add_argument("--plot", default="docs/ablation.png")
     args = ap.parse_args()
-    common = {"finetune.epochs": args.epochs, "sample.per_class": args.per_class}
+    common = {"finetune.epochs": args.epochs, "sample.per_class": args.per_class, **PROTOCOL}
     grid = settings(common)
     started = datetime.datetime.now(datetime.timezone.utc)
     if not args.compare_only:
@@ -104,7 +105,7 @@ def main() -> None:
     out = table(df, {name: v for name, v, _ in grid}, cost)
     head = [provenance("ablation.py", None, started),
             f"Every setting: the embedded default with finetune.epochs={args.epochs}, sample.per_class={args.per_class}, "
-            "otherwise the committed params. CNN accuracy: mean ± std over the classifier seeds of one DP run.",
+            f"{PROTOCOL}, otherwise the committed params. CNN accuracy: mean ± std over the classifier seeds of one DP run.",
             "Cost columns: benchmarks/dp_step.py on random latents of the same shapes.", ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out.to_csv(f"{args.out}.csv", index=False)

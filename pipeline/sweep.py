@@ -36,6 +36,7 @@ COLUMNS = {  # table column -> dvc exp show column (metrics file:key, or params 
     "cnn_accuracy": "cnn_accuracy",
     "cnn_accuracy_std": "cnn_accuracy_std",
     "mlp_accuracy": "mlp_accuracy", "logreg_accuracy": "logreg_accuracy",
+    **{f"real_{m}": f"real_{m}" for m in ("cnn_accuracy", "cnn_accuracy_std", "mlp_accuracy", "logreg_accuracy")},
 }
 
 

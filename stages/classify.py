@@ -37,7 +37,8 @@ def fit_and_score(cfg: ClassifierConfig, train_x: np.ndarray, train_y: np.ndarra
     test_x, test_y = read_test()
     cnn_acc = [float((predict(r.model, test_x) == test_y).mean()) for r in cnns]
     metrics = {
-        "cnn_accuracy": float(np.mean(cnn_acc)), "cnn_accuracy_std": float(np.std(cnn_acc)),
+        "cnn_accuracy": float(np.mean(cnn_acc)),
+        **({"cnn_accuracy_std": float(np.std(cnn_acc))} if len(cnn_acc) > 1 else {}),  # one seed: no spread to report
         "cnn_val_accuracy": float(np.mean([r.val_accuracy for r in cnns])),
         "cnn_best_epochs": [r.best_epoch for r in cnns],
         "mlp_accuracy": float((sklearn_predict(mlp, test_x) == test_y).mean()), "mlp_alpha": mlp_alpha, "mlp_val_accuracy": mlp_val,

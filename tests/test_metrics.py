@@ -80,6 +80,10 @@ def test_classifier_selection_never_reads_the_real_test_split():
         classify.train_cnn, classify.fit_sklearn = real_train, real_fit
     assert events == ["cnn", "cnn", "mlp", "logreg", "test"]
     assert 0 <= metrics["cnn_accuracy"] <= 1 and cm.sum() == 50
+    assert metrics["cnn_accuracy_std"] >= 0  # two seeds: their spread is reported
+    one, _ = classify.fit_and_score(cfg("classifier", cnn_epochs=1, seeds=1, mlp_max_iter=5, mlp_hidden=8), x, y,
+                                    lambda: (digits(50, 3), np.arange(50) % 10), num_classes=10, seed=0)
+    assert "cnn_accuracy_std" not in one and 0 <= one["cnn_accuracy"] <= 1  # one seed: no spread to report, not a 0
 
 
 def test_label_consistency_counts_the_classifier_agreeing_with_the_conditioning_labels():

@@ -79,6 +79,13 @@ def test_a_resubmitted_setting_writes_its_lost_runs_into_the_attempt_records_dp_
         record_lost_attempts(str(tmp_path), {"finetune.epsilon": 2.0}, lost)
 
 
+def _params() -> dict:
+    """The repository's params.yaml (the make-repro defaults)."""
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+
+
 def _benchmark(name: str):
     """A script of benchmarks/ loaded as a module (the folder is not a package)."""
     import importlib.util
@@ -131,6 +138,15 @@ def test_quality_table_gives_each_epsilon_independent_runs_and_averages_over_the
         "epsilon 10", "label consistency"] == "-"
     assert t.loc["real private train data", "CNN accuracy %"] == "96.0" and "other" not in t["experiments"].str.cat()
     assert list(t.index) == ["public-only", "epsilon 10", "real private train data"]
+    # the real row: the reference stage's scores as the table's runs have them (protocol seeds), else the workspace's own
+    with_real = pd.DataFrame([{**r, "real_cnn_accuracy": 0.95, "real_cnn_accuracy_std": 0.003, "real_mlp_accuracy": 0.92,
+                               "real_logreg_accuracy": 0.89} if r["experiment"] == "q-eps10-run2" else r for r in runs])
+    assert q.real_row(with_real, row_of, Path("no-such-file.json")) == {
+        "real_cnn_accuracy": 0.95, "real_cnn_accuracy_std": 0.003, "real_mlp_accuracy": 0.92, "real_logreg_accuracy": 0.89}
+    assert q.real_row(with_real[with_real["experiment"] != "q-eps10-run2"], row_of, Path("no-such-file.json")) == {}
+    # every setting is scored with the protocol's 3 CNN seeds, whatever params.yaml's make-repro default; --set wins
+    assert q.common_settings([]) == {"classifier.seeds": 3} != {"classifier.seeds": _params()["classifier"]["seeds"]}
+    assert q.common_settings(["classifier.seeds=5", "sample.per_class=20"]) == {"classifier.seeds": 5, "sample.per_class": 20}
     # --rows: only the chosen rows' settings run and enter the table, the order kept
     assert [n for n, _, _ in q.only_rows(grid, ["dp"])] == [f"q-eps{e}-run{r}" for e in (1, 10) for r in (1, 2, 3)]
     assert [row for _, row, _ in q.only_rows(grid, ["non-private", "public-only"])] == ["public-only", "non-private"]
@@ -781,3 +797,31 @@ def test_proxy_tradeoff_refuses_private_data_and_keeps_the_first_samples_of_each
     assert s.parse_variant("dp10:finetune.epochs=10") == ("dp10", {"finetune.epochs": 10})
     with pytest.raises(SystemExit, match="no '/'"):
         s.parse_variant("a/b:finetune.epochs=10")
+
+
+def test_eval_time_times_each_classifier_of_both_stages_and_writes_no_score(tmp_path, monkeypatch):
+    import numpy as np
+    import yaml
+
+    from helpers import ROOT
+    from stages.common import write_images
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["classifier"].update(cnn_epochs=1, mlp_max_iter=2, mlp_hidden=8)
+    params["fid"]["domain_epochs"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 255, (60, 32, 32, 1), dtype=np.uint8), np.arange(60) % 10
+    for rel, split in (("data/samples/samples.parquet", ["train"] * 60), ("data/private/images.parquet", ["train"] * 40 + ["test"] * 20)):
+        (tmp_path / rel).parent.mkdir(parents=True)
+        write_images(tmp_path / rel, images=images, labels=labels, split=split, source_index=np.arange(60),
+                     class_names=[str(i) for i in range(10)], source="mnist5k")
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "eval_time.md"
+    _benchmark("eval_time").main(["--workspace", str(tmp_path), "--rounds", "1", "--out", str(out)])
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "part" not in line]
+    assert len(rows) == 7  # CNN, MLP, logreg on each set, and the domain extractor on the private train split
+    assert "| synthetic samples (score_classifier): one CNN seed | 50 |" in text  # 60 minus the validation split (one per class at least)
+    assert "| private train split (reference, real row): domain extractor | 30 |" in text  # the train split, less its validation split
+    assert "accuracy" not in text.lower()  # times only: nothing scored on the private data
