@@ -825,3 +825,13 @@ def test_eval_time_times_each_classifier_of_both_stages_and_writes_no_score(tmp_
     assert "| synthetic samples (score_classifier): one CNN seed | 50 |" in text  # 60 minus the validation split (one per class at least)
     assert "| private train split (reference, real row): domain extractor | 30 |" in text  # the train split, less its validation split
     assert "accuracy" not in text.lower()  # times only: nothing scored on the private data
+
+
+def test_attention_kernels_compared_compute_the_same_attention():
+    import torch
+
+    ks = _benchmark("attention_kernels").kernels()
+    q, k, v = (torch.randn(3, 8, 64, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    ref = ks["SDPA (flash, default)"](q, k, v)
+    for name, fn in ks.items():  # the timings compare one computation, not three
+        torch.testing.assert_close(fn(q, k, v), ref, rtol=1e-5, atol=1e-5, msg=name)
