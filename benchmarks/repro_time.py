@@ -3,6 +3,7 @@ shell (`env -i`, PATH without any venv), the machine's day figure (`benchmarks/p
 after, and each stage's time read from the process list. Appends one row to the table in --out.
 
     python benchmarks/repro_time.py [--rev HEAD] [--interval 2] [--keep DIR] [--out benchmarks/results/repro_time.md]
+    python benchmarks/repro_time.py --plot-only --since d2bb1fd   # the runs at the current defaults drawn apart
     python benchmarks/repro_time.py --profile benchmarks/profiles/fast.yaml   # -> benchmarks/results/repro_time_fast.md
     python benchmarks/repro_time.py --plot-only        # redraw the plot from the table, run nothing
 
@@ -144,9 +145,19 @@ def minutes_per_day_figure(rows: list[dict]) -> float | None:
 GOAL_MINUTES = 30.0  # issue 14: the whole `make repro` within 30 minutes on a slow day
 
 
-def plot(rows: list[dict], path: Path, *, profile: str = "") -> None:
+def runs_since(rows: list[dict], since: str) -> list[dict]:
+    """The rows from the first run of commit ``since`` (a prefix of its short hash) on: the runs of the current defaults."""
+    for i, r in enumerate(rows):
+        if since and r["commit"].startswith(since):
+            return rows[i:]
+    raise SystemExit(f"--since {since}: no run of that commit in the table; give the commit of the first run at the "
+                     f"current defaults (one of {', '.join(r['commit'] for r in rows[-5:])}, ...)")
+
+
+def plot(rows: list[dict], path: Path, *, profile: str = "", since: str = "") -> None:
     """Total minutes against the day figure, one labelled point per run (a cross where it failed), the fitted line and
-    the goal; ``profile`` names the profile the runs applied (in the title)."""
+    the goal; ``profile`` names the profile the runs applied (in the title). ``since``: the runs from that commit on
+    (``runs_since``) are drawn apart with a line of their own, and the goal's reading is theirs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,13 +169,22 @@ def plot(rows: list[dict], path: Path, *, profile: str = "") -> None:
         x, y = day_mean(r), r["seconds"] / 60
         ax.plot(x, y, "o" if r["exit"] == 0 else "x", color="C0" if r["exit"] == 0 else "C3")
         ax.annotate(f"{r['commit']} ({r['started'][:10]})", (x, y), textcoords="offset points", xytext=(5, -10), fontsize=7)
+    current = runs_since(rows, since) if since else []
+    for r in current:
+        if day_mean(r) is not None and r["exit"] == 0:
+            ax.plot(day_mean(r), r["seconds"] / 60, "o", color="C2")
     slope = minutes_per_day_figure(rows)
+    own = minutes_per_day_figure(current) if current else None
     # wide enough for every run and for the day figure at which the fitted line reaches the goal
     xmax = max([day_mean(r) for r in ok] + [1.0] + ([GOAL_MINUTES / slope] if slope else [])) * 1.1
     if slope:
-        at_goal = GOAL_MINUTES / slope
         ax.plot([0, xmax], [0, slope * xmax], "--", color="C0", lw=1,
-                label=f"fit through the origin: {slope:.1f} min per s/step")
+                label=f"fit through the origin: {slope:.1f} min per s/step" + (", every run" if current else ""))
+    if own:
+        ax.plot([0, xmax], [0, own * xmax], "-.", color="C2", lw=1,
+                label=f"the {len(current)} runs since {since} (green): {own:.1f} min per s/step")
+    if own or slope:
+        at_goal = GOAL_MINUTES / (own or slope)
         ax.axvline(at_goal, color="grey", lw=0.8, ls=":")
         ax.annotate(f"{GOAL_MINUTES:g} min at {at_goal:.2f} s/step;\ntwice as slow a day fits if measured at <= {at_goal / 2:.2f}",
                     (at_goal, 2), xytext=(-4, 0), textcoords="offset points", fontsize=7, color="grey", ha="right")
@@ -207,6 +227,8 @@ def main() -> None:
     ap.add_argument("--profile", help="a profile (YAML shaped like params.yaml, e.g. benchmarks/profiles/fast.yaml) applied "
                     "to the clone's params.yaml before `make repro`")
     ap.add_argument("--plot-only", action="store_true", help="redraw <out>.png from the table in --out; run nothing")
+    ap.add_argument("--since", default="", help="the commit of the first run at the current defaults: the plot draws "
+                    "the runs from it on apart, with their own line, and reads the goal from that line")
     args = ap.parse_args()
     profile = Path(args.profile) if args.profile else None
     if profile is not None and not profile.is_file():
@@ -217,7 +239,7 @@ def main() -> None:
         rows = parse_rows(out.read_text()) if out.exists() else []
         if not rows:
             raise SystemExit(f"--plot-only: no run rows in {out}; run the benchmark first")
-        plot(rows, out.with_suffix(".png"), profile=label)
+        plot(rows, out.with_suffix(".png"), profile=label, since=args.since)
         print(f"wrote {out.with_suffix('.png')} from {len(rows)} runs")
         return
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -259,7 +281,7 @@ def main() -> None:
     text = append_row(out.read_text() if out.exists() else "", row, provenance("repro_time.py", None, started, commit=rev), args.interval)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    plot(parse_rows(text), out.with_suffix(".png"), profile=label)
+    plot(parse_rows(text), out.with_suffix(".png"), profile=label, since=args.since)
     print("\n".join(HEADER + [row]))
     if proc.returncode:
         raise SystemExit(f"make repro failed (exit {proc.returncode})")

@@ -391,6 +391,13 @@ def test_repro_time_rows_read_back_and_the_plot_fits_minutes_per_day_figure(tmp_
     png = tmp_path / "repro_time.png"
     r.plot(got, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --since: the runs from that commit on are the current defaults', fitted apart
+    assert [g["commit"] for g in r.runs_since(got, "bbb")] == ["bbb2222", "ccc3333", "ddd4444"]
+    assert r.minutes_per_day_figure(r.runs_since(got, "bbb2222")) == pytest.approx(50.0)
+    with pytest.raises(SystemExit, match="--since zzz"):
+        r.runs_since(got, "zzz")
+    r.plot(got, png, since="bbb")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_repro_time_profile_runs_merge_into_the_clone_and_go_to_their_own_table(tmp_path):
