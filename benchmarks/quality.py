@@ -46,7 +46,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.sweep import comparison, parse_assignments, rescore_sweep, run_sweep  # noqa: E402
+from pipeline.sweep import REAL, comparison, parse_assignments, rescore_sweep, run_sweep  # noqa: E402
 from provenance import provenance, write_table  # noqa: E402
 
 
@@ -126,9 +126,6 @@ def rescored(grid: list[tuple[str, str, dict]], tag: str, common: dict) -> list[
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", tag):
         raise SystemExit(f"--rescore {tag!r}: a tag of letters, digits, '.', '_' or '-' (it ends each experiment's name)")
     return [(name, f"{name}-{tag}", common) for name, _, _ in grid]
-
-
-REAL = ("real_cnn_accuracy", "real_cnn_accuracy_std", "real_mlp_accuracy", "real_logreg_accuracy")
 
 
 def _num(v) -> float:

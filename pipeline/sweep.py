@@ -29,6 +29,7 @@ from pipeline.boundary import read_stages, stage_needs, stage_paths
 
 UPSTREAM = ("pretrain_ldm", "encode_private", "reference")
 TARGETS = ("score_fid", "score_classifier")  # what an experiment reproduces; the audit only with --with-audit
+REAL = ("real_cnn_accuracy", "real_cnn_accuracy_std", "real_mlp_accuracy", "real_logreg_accuracy")  # the reference stage's scores
 COLUMNS = {  # table column -> dvc exp show column (metrics file:key, or params key); "ledger:" = the ledger's file
     "epsilon_target": "finetune.epsilon", "layers": "finetune.layers", "mode": "finetune.mode",
     "lora_rank": "finetune.lora.rank", **{key: "ledger:" + key for key in Ledger.SWEEP},
@@ -36,7 +37,7 @@ COLUMNS = {  # table column -> dvc exp show column (metrics file:key, or params 
     "cnn_accuracy": "cnn_accuracy",
     "cnn_accuracy_std": "cnn_accuracy_std",
     "mlp_accuracy": "mlp_accuracy", "logreg_accuracy": "logreg_accuracy",
-    **{f"real_{m}": f"real_{m}" for m in ("cnn_accuracy", "cnn_accuracy_std", "mlp_accuracy", "logreg_accuracy")},
+    **{key: key for key in REAL},
 }
 
 
