@@ -25,8 +25,7 @@ from provenance import provenance, write_table  # noqa: E402
 def parts(workspace: Path, params: dict) -> dict:
     """{part name: a function that fits it once}, on the workspace's samples and private train split."""
     from dpldm.config import load_section
-    from dpldm.metrics import Augment, fit_sklearn, train_cnn
-    from stages.classify import split_validation
+    from stages.classify import fit_cnn, fit_domain_extractor, fit_logreg, fit_mlp, split_validation
     from stages.common import read_images
 
     cfg, fcfg = load_section(params, "classifier"), load_section(params, "fid")
@@ -36,17 +35,13 @@ def parts(workspace: Path, params: dict) -> dict:
         x, y, _ = read_images(path, split=split) if split else read_images(path)
         xt, yt, xv, yv = split_validation(x, y, fraction=cfg.val_fraction, seed=0)
         k = int(y.max()) + 1
-        out[f"{name}: one CNN seed"] = (lambda xt=xt, yt=yt, xv=xv, yv=yv, k=k: train_cnn(
-            xt, yt, xv, yv, num_classes=k, epochs=cfg.cnn_epochs, batch_size=cfg.cnn_batch_size, lr=cfg.cnn_lr, seed=0,
-            augment=Augment.of(cfg)), len(yt))
-        out[f"{name}: MLP"] = (lambda xt=xt, yt=yt, xv=xv, yv=yv: fit_sklearn(
-            "mlp", xt, yt, xv, yv, seed=0, mlp_hidden=cfg.mlp_hidden, mlp_max_iter=cfg.mlp_max_iter), len(yt))
-        out[f"{name}: logistic regression"] = (lambda xt=xt, yt=yt, xv=xv, yv=yv: fit_sklearn(
-            "logreg", xt, yt, xv, yv, seed=0, logreg_C=cfg.logreg_C), len(yt))
+        out[f"{name}: one CNN seed"] = (lambda xt=xt, yt=yt, xv=xv, yv=yv, k=k: fit_cnn(cfg, xt, yt, xv, yv, num_classes=k, seed=0),
+                                        len(yt))
+        out[f"{name}: MLP"] = (lambda xt=xt, yt=yt, xv=xv, yv=yv: fit_mlp(cfg, xt, yt, xv, yv, seed=0), len(yt))
+        out[f"{name}: logistic regression"] = (lambda xt=xt, yt=yt, xv=xv, yv=yv: fit_logreg(cfg, xt, yt, xv, yv, seed=0), len(yt))
         if split:
-            out[f"{name}: domain extractor"] = (lambda xt=xt, yt=yt, xv=xv, yv=yv, k=k: train_cnn(
-                xt, yt, xv, yv, num_classes=k, epochs=fcfg.domain_epochs, batch_size=cfg.cnn_batch_size, lr=cfg.cnn_lr,
-                seed=0), len(yt))
+            out[f"{name}: domain extractor"] = (lambda xt=xt, yt=yt, xv=xv, yv=yv, k=k: fit_domain_extractor(
+                cfg, fcfg, xt, yt, xv, yv, num_classes=k, seed=0), len(yt))
     return out
 
 

@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpldm.config import load_section  # noqa: E402
 from dpldm.diffusion import PRECISIONS, SOLVERS, SPACINGS, Sampler, make_scheduler  # noqa: E402
-from dpldm.metrics import SmallCNN, fidelity, label_consistency, predict, register_domain_extractor, train_cnn  # noqa: E402
-from stages.classify import split_validation  # noqa: E402
+from dpldm.metrics import SmallCNN, fidelity, label_consistency, predict, register_domain_extractor  # noqa: E402
+from stages.classify import fit_cnn, fit_domain_extractor, split_validation  # noqa: E402
 from stages.common import load_model_files, read_images, read_params  # noqa: E402
 from dpldm.sampling import generate, null_class_trained  # noqa: E402
 from stages.artifacts import load_autoencoder, load_ldm  # noqa: E402
@@ -101,10 +101,10 @@ def sample_setting(model, ae, labels: torch.Tensor, s: dict, *, ldm_cfg, conf: d
 
 def tstr(images, labels: np.ndarray, test_x, test_y, *, clf, num_classes: int, seed: int) -> float:
     """Accuracy on (test_x, test_y) of the score_classifier CNN trained on the samples (epoch chosen on a
-    synthetic validation split)."""
+    synthetic validation split), without its augmentation: this script's figures were all measured so, before
+    ``classifier.cnn_augment_*`` existed."""
     xt, yt, xv, yv = split_validation(images, labels, fraction=clf.val_fraction, seed=seed)
-    fit = train_cnn(xt, yt, xv, yv, num_classes=num_classes, epochs=clf.cnn_epochs, batch_size=clf.cnn_batch_size,
-                    lr=clf.cnn_lr, seed=seed)
+    fit = fit_cnn(clf, xt, yt, xv, yv, num_classes=num_classes, seed=seed, augment=False)
     return float((predict(fit.model, test_x) == test_y).mean())
 
 
@@ -187,8 +187,7 @@ class PublicJudge:
         self.test_x, self.test_y, _ = read_images(public_data, split="test")
         self.clf, self.k = clf, num_classes
         xt, yt, xv, yv = split_validation(x, y, fraction=clf.val_fraction, seed=seed)
-        self.fit = train_cnn(xt, yt, xv, yv, num_classes=num_classes, epochs=fcfg.domain_epochs,
-                             batch_size=clf.cnn_batch_size, lr=clf.cnn_lr, seed=seed)
+        self.fit = fit_domain_extractor(clf, fcfg, xt, yt, xv, yv, num_classes=num_classes, seed=seed)
         self.extractor = register_domain_extractor(self.fit.model.state_dict(), {
             "channels": meta["channels"], "image_size": meta["height"], "num_classes": num_classes})
         self.per_test = int(np.bincount(self.test_y, minlength=num_classes).min())

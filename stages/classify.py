@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from dpldm.config import ClassifierConfig
+from dpldm.config import ClassifierConfig, FIDConfig
 from dpldm.metrics import Augment, confusion, fit_sklearn, predict, sklearn_predict, train_cnn
 
 
@@ -20,6 +20,31 @@ def split_validation(x: np.ndarray, y: np.ndarray, *, fraction: float, seed: int
     return x[tr], y[tr], x[va], y[va]
 
 
+def fit_cnn(cfg: ClassifierConfig, xt, yt, xv, yv, *, num_classes: int, seed: int, augment: bool = True):
+    """One downstream SmallCNN as ``fit_and_score`` trains it: ``cfg``'s epochs, batch, lr and augmentation, the epoch
+    chosen on (xv, yv). ``augment=False``: the images as they are (the CNN of the figures measured before
+    ``classifier.cnn_augment_*`` existed)."""
+    return train_cnn(xt, yt, xv, yv, num_classes=num_classes, epochs=cfg.cnn_epochs, batch_size=cfg.cnn_batch_size,
+                     lr=cfg.cnn_lr, seed=seed, augment=Augment.of(cfg) if augment else None)
+
+
+def fit_domain_extractor(cfg: ClassifierConfig, fid_cfg: FIDConfig, xt, yt, xv, yv, *, num_classes: int, seed: int):
+    """The FID domain feature extractor as the reference stage trains it: a SmallCNN with ``cfg``'s batch and lr,
+    ``fid_cfg.domain_epochs`` epochs, no augmentation, the epoch chosen on (xv, yv)."""
+    return train_cnn(xt, yt, xv, yv, num_classes=num_classes, epochs=fid_cfg.domain_epochs, batch_size=cfg.cnn_batch_size,
+                     lr=cfg.cnn_lr, seed=seed)
+
+
+def fit_mlp(cfg: ClassifierConfig, xt, yt, xv, yv, *, seed: int):
+    """(model, alpha, validation accuracy) of the MLP as ``fit_and_score`` fits it."""
+    return fit_sklearn("mlp", xt, yt, xv, yv, seed=seed, mlp_hidden=cfg.mlp_hidden, mlp_max_iter=cfg.mlp_max_iter)
+
+
+def fit_logreg(cfg: ClassifierConfig, xt, yt, xv, yv, *, seed: int):
+    """(model, C, validation accuracy) of the logistic regression as ``fit_and_score`` fits it."""
+    return fit_sklearn("logreg", xt, yt, xv, yv, seed=seed, logreg_C=cfg.logreg_C)
+
+
 def fit_and_score(cfg: ClassifierConfig, train_x: np.ndarray, train_y: np.ndarray, read_test: Callable[[], tuple],
                   *, num_classes: int, seed: int) -> tuple[dict, np.ndarray]:
     """Returns (metrics, confusion matrix of the first CNN seed). ``read_test`` is called once,
@@ -28,11 +53,9 @@ def fit_and_score(cfg: ClassifierConfig, train_x: np.ndarray, train_y: np.ndarra
         keep = np.random.default_rng(seed).choice(len(train_y), cfg.max_train, replace=False)
         train_x, train_y = train_x[keep], train_y[keep]
     xt, yt, xv, yv = split_validation(train_x, train_y, fraction=cfg.val_fraction, seed=seed)
-    augment = Augment.of(cfg)
-    cnns = [train_cnn(xt, yt, xv, yv, num_classes=num_classes, epochs=cfg.cnn_epochs, batch_size=cfg.cnn_batch_size,
-                      lr=cfg.cnn_lr, seed=seed + s, augment=augment) for s in range(cfg.seeds)]
-    mlp, mlp_alpha, mlp_val = fit_sklearn("mlp", xt, yt, xv, yv, seed=seed, mlp_hidden=cfg.mlp_hidden, mlp_max_iter=cfg.mlp_max_iter)
-    lr, lr_c, lr_val = fit_sklearn("logreg", xt, yt, xv, yv, seed=seed, logreg_C=cfg.logreg_C)
+    cnns = [fit_cnn(cfg, xt, yt, xv, yv, num_classes=num_classes, seed=seed + s) for s in range(cfg.seeds)]
+    mlp, mlp_alpha, mlp_val = fit_mlp(cfg, xt, yt, xv, yv, seed=seed)
+    lr, lr_c, lr_val = fit_logreg(cfg, xt, yt, xv, yv, seed=seed)
     # every choice is made: only now the real test split is read
     test_x, test_y = read_test()
     cnn_acc = [float((predict(r.model, test_x) == test_y).mean()) for r in cnns]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 from dpldm.config import load_section
-from dpldm.metrics import SmallCNN, train_cnn
-from stages.classify import fit_and_score, split_validation
+from dpldm.metrics import SmallCNN
+from stages.classify import fit_and_score, fit_domain_extractor, split_validation
 from stages.common import log_live_metrics, read_images, save_model, setup_runtime, stage_main, write_json
 
 INPUTS = ("private",)
@@ -19,8 +19,7 @@ def run(params: dict, inputs: dict, outputs: dict) -> dict:
     k = len(meta["class_names"])
     # domain feature extractor: SmallCNN on the real private train split (epoch chosen on a train holdout)
     xt, yt, xv, yv = split_validation(x, y, fraction=ccfg.val_fraction, seed=seed)
-    fit = train_cnn(xt, yt, xv, yv, num_classes=k, epochs=fcfg.domain_epochs, batch_size=ccfg.cnn_batch_size,
-                    lr=ccfg.cnn_lr, seed=seed)
+    fit = fit_domain_extractor(ccfg, fcfg, xt, yt, xv, yv, num_classes=k, seed=seed)
     save_model(outputs["extractor"], state_dict=fit.model.state_dict(),
                config={"channels": meta["channels"], "image_size": meta["height"], "num_classes": k,
                        "feature_dim": SmallCNN.feature_dim, "val_accuracy": fit.val_accuracy,

@@ -86,6 +86,33 @@ def test_classifier_selection_never_reads_the_real_test_split():
     assert "cnn_accuracy_std" not in one and 0 <= one["cnn_accuracy"] <= 1  # one seed: no spread to report, not a 0
 
 
+def test_the_shared_classifier_fits_pass_their_configs_settings(monkeypatch):
+    """fit_cnn / fit_domain_extractor / fit_mlp / fit_logreg (what the stages and the benchmarks share) hand
+    train_cnn and fit_sklearn the settings of their config sections, augmentation where asked for."""
+    import stages.classify as classify
+    from dpldm.metrics import Augment
+    from helpers import cfg
+
+    calls = []
+    monkeypatch.setattr(classify, "train_cnn", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(classify, "fit_sklearn", lambda kind, *a, **k: calls.append({"kind": kind, **k}))
+    ccfg = cfg("classifier", cnn_epochs=3, cnn_batch_size=16, cnn_lr=0.01, cnn_augment_shift=0.1, mlp_hidden=8, mlp_max_iter=5)
+    fcfg = cfg("fid", domain_epochs=7)
+    data = (None,) * 4
+    classify.fit_cnn(ccfg, *data, num_classes=10, seed=2)
+    classify.fit_cnn(ccfg, *data, num_classes=10, seed=2, augment=False)
+    classify.fit_domain_extractor(ccfg, fcfg, *data, num_classes=10, seed=2)
+    classify.fit_mlp(ccfg, *data, seed=2)
+    classify.fit_logreg(ccfg, *data, seed=2)
+    cnn, plain, domain, mlp, logreg = calls
+    assert (cnn["epochs"], cnn["batch_size"], cnn["lr"], cnn["seed"]) == (3, 16, 0.01, 2)
+    assert cnn["augment"] == Augment.of(ccfg) and cnn["augment"].shift == 0.1
+    assert plain["augment"] is None and {**plain, "augment": None} == {**cnn, "augment": None}
+    assert domain["epochs"] == 7 and domain.get("augment") is None and domain["batch_size"] == 16
+    assert mlp["kind"] == "mlp" and (mlp["mlp_hidden"], mlp["mlp_max_iter"]) == (8, 5)
+    assert logreg["kind"] == "logreg" and logreg["logreg_C"] == ccfg.logreg_C
+
+
 def test_label_consistency_counts_the_classifier_agreeing_with_the_conditioning_labels():
     from dpldm.metrics import label_consistency
 

@@ -842,3 +842,33 @@ def test_attention_kernels_compared_compute_the_same_attention():
     ref = ks["SDPA (flash, default)"](q, k, v)
     for name, fn in ks.items():  # the timings compare one computation, not three
         torch.testing.assert_close(fn(q, k, v), ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_attention_kernels_stage_variant_swaps_only_self_attention_and_keeps_the_output():
+    import torch
+    import yaml
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    from dpldm.config import load_all
+    from dpldm.models import OneTokenCrossAttnProcessor, build_ldm
+    from helpers import ROOT
+
+    ak = _benchmark("attention_kernels")
+    cfg = load_all(yaml.safe_load((ROOT / "params.yaml").read_text()))["ldm"]
+    torch.manual_seed(0)
+    ref = build_ldm(cfg, latent_channels=4, latent_size=8).eval()
+    z, t, y = torch.randn(6, 4, 8, 8), torch.randint(0, 1000, (6,)), torch.arange(6) % 10
+    with torch.no_grad():
+        want = ref(z, t, y)
+    counts = {}
+    for lowest_only in (False, True):
+        net = build_ldm(cfg, latent_channels=4, latent_size=8).eval()
+        net.load_state_dict(ref.state_dict())
+        counts[lowest_only] = ak.explicit_self_attention(net, lowest_only=lowest_only)
+        attn = [m for m in net.unet.modules() if isinstance(m, Attention)]
+        assert sum(isinstance(m.processor, AttnProcessor) for m in attn) == counts[lowest_only]
+        assert all(isinstance(m.processor, OneTokenCrossAttnProcessor) for m in attn if m.is_cross_attention)
+        with torch.no_grad():  # the timing compares one computation: the same eps prediction up to float rounding
+            torch.testing.assert_close(net(z, t, y), want, rtol=1e-4, atol=1e-5)
+    # 7 self-attention modules in the default UNet, 4 of them at its lowest resolution (4x4 latents here: 2x2)
+    assert counts == {False: 7, True: 4}
