@@ -154,6 +154,13 @@ def runs_since(rows: list[dict], since: str) -> list[dict]:
                      f"current defaults (one of {', '.join(r['commit'] for r in rows[-5:])}, ...)")
 
 
+def crowded_runs(rows: list[dict], *, dx: float = 0.04, dy: float = 1.5) -> list[dict]:
+    """The runs whose point lies within ``dx`` s/step and ``dy`` minutes of another's: their labels would overlap."""
+    pts = [(day_mean(r), r["seconds"] / 60) for r in rows]
+    return [r for i, (r, (x, y)) in enumerate(zip(rows, pts, strict=True))
+            if any(j != i and abs(x - u) < dx and abs(y - v) < dy for j, (u, v) in enumerate(pts))]
+
+
 def plot(rows: list[dict], path: Path, *, profile: str = "", since: str = "") -> None:
     """Total minutes against the day figure, one labelled point per run (a cross where it failed), the fitted line and
     the goal; ``profile`` names the profile the runs applied (in the title). ``since``: the runs from that commit on
@@ -165,14 +172,13 @@ def plot(rows: list[dict], path: Path, *, profile: str = "", since: str = "") ->
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ok = [r for r in rows if day_mean(r) is not None]
+    current = runs_since(rows, since) if since else []
+    crowded = crowded_runs(ok)
     for r in ok:
         x, y = day_mean(r), r["seconds"] / 60
-        ax.plot(x, y, "o" if r["exit"] == 0 else "x", color="C0" if r["exit"] == 0 else "C3")
-        ax.annotate(f"{r['commit']} ({r['started'][:10]})", (x, y), textcoords="offset points", xytext=(5, -10), fontsize=7)
-    current = runs_since(rows, since) if since else []
-    for r in current:
-        if day_mean(r) is not None and r["exit"] == 0:
-            ax.plot(day_mean(r), r["seconds"] / 60, "o", color="C2")
+        ax.plot(x, y, "o" if r["exit"] == 0 else "x", color="C3" if r["exit"] else "C2" if r in current else "C0")
+        if r not in crowded:  # a label where it can be read; the table names every run
+            ax.annotate(f"{r['commit']} ({r['started'][:10]})", (x, y), textcoords="offset points", xytext=(5, -10), fontsize=7)
     slope = minutes_per_day_figure(rows)
     own = minutes_per_day_figure(current) if current else None
     # wide enough for every run and for the day figure at which the fitted line reaches the goal
@@ -193,7 +199,11 @@ def plot(rows: list[dict], path: Path, *, profile: str = "", since: str = "") ->
            xlabel="day figure (benchmarks/pretrain_step.py, s/step; mean of before and after)",
            ylabel="make repro from a fresh clone (min)",
            title="The README's first command against the machine's speed" + (f" ({profile})" if profile else ""))
-    ax.legend(loc="upper left", fontsize=8)
+    if crowded:
+        ax.annotate(f"{len(crowded)} runs too close to label: benchmarks/results/repro_time.md names them",
+                    (0.01, 0.99), xycoords="axes fraction", xytext=(4, -4), textcoords="offset points", fontsize=7,
+                    color="grey", va="top", ha="left")
+    ax.legend(loc="upper left", fontsize=8, bbox_to_anchor=(0, 0.95))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

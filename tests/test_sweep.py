@@ -398,6 +398,12 @@ def test_repro_time_rows_read_back_and_the_plot_fits_minutes_per_day_figure(tmp_
         r.runs_since(got, "zzz")
     r.plot(got, png, since="bbb")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # labels only where they can be read: two runs within 0.04 s/step and 1.5 min of each other go unlabelled
+    ok = [g for g in got if r.day_mean(g) is not None]
+    assert r.crowded_runs(ok) == []
+    near = {**got[0], "commit": "eee5555", "before": 0.52, "after": 0.52, "seconds": 1260}  # 0.02 s/step, 1 min away
+    far = {**got[0], "commit": "fff6666", "before": 0.52, "after": 0.52, "seconds": 1500}   # 5 min away
+    assert [g["commit"] for g in r.crowded_runs(ok + [near, far])] == ["aaa1111", "eee5555"]
 
 
 def test_repro_time_profile_runs_merge_into_the_clone_and_go_to_their_own_table(tmp_path):
