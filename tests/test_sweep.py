@@ -819,7 +819,7 @@ def test_eval_time_times_each_classifier_of_both_stages_and_writes_no_score(tmp_
     from helpers import ROOT
     from stages.common import write_images
 
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = _params()
     params["classifier"].update(cnn_epochs=1, mlp_max_iter=2, mlp_hidden=8)
     params["fid"]["domain_epochs"] = 1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -852,15 +852,13 @@ def test_attention_kernels_compared_compute_the_same_attention():
 
 def test_attention_kernels_stage_variant_swaps_only_self_attention_and_keeps_the_output():
     import torch
-    import yaml
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     from dpldm.config import load_all
     from dpldm.models import OneTokenCrossAttnProcessor, build_ldm
-    from helpers import ROOT
 
     ak = _benchmark("attention_kernels")
-    cfg = load_all(yaml.safe_load((ROOT / "params.yaml").read_text()))["ldm"]
+    cfg = load_all(_params())["ldm"]
     torch.manual_seed(0)
     ref = build_ldm(cfg, latent_channels=4, latent_size=8).eval()
     z, t, y = torch.randn(6, 4, 8, 8), torch.randint(0, 1000, (6,)), torch.arange(6) % 10
