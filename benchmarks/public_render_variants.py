@@ -12,7 +12,9 @@ space, so that held-out losses compare), pretrain the LDM on it, DP fine-tune on
 
 Variants (the default draws are those of ``dpldm.data._draw_digit``: stroke 0-2 px, elastic alpha U(0, 30)):
   ``default``  unchanged (a check: the same bytes as ``prepare_public``);
-  ``wild``     thicker and more distorted: stroke 0-3 px, elastic alpha U(10, 40);
+  ``wild``     thicker and more distorted: stroke 0-3 px, elastic alpha U(10, 40); since 2026-12-06 a setting of
+               params.yaml (``data.public.font_stroke: [0, 3]``, ``data.public.font_elastic_alpha: [10, 40]``), which
+               this script writes into its copy of the params;
   ``pen``      half of the digits redrawn with a round pen (radius U(2, 4) px on the 64-px canvas) along the glyph's
                skeleton (Zhang & Suen thinning): uniform strokes, as handwriting, in place of the fonts' serifs and
                thick-thin contrast.
@@ -64,11 +66,7 @@ def pen_stroke(arr: np.ndarray, radius: float) -> np.ndarray:
     return np.clip((radius + 0.5 - distance) * 255, 0, 255).astype(np.float32)
 
 
-def draw_wild(rng: np.random.Generator, label: int, n_fonts: int) -> tuple:
-    f, stroke = int(rng.integers(n_fonts)), int(rng.integers(0, 4))
-    angle, shear, width = np.deg2rad(rng.uniform(-15, 15)), rng.uniform(-0.15, 0.4), rng.uniform(0.8, 1.2)
-    alpha = rng.uniform(10, 40)
-    return int(label), f, stroke, angle, shear, width, alpha, [rng.uniform(-1, 1, (data._BIG, data._BIG)) for _ in range(2)]
+WILD = {"font_stroke": [0, 3], "font_elastic_alpha": [10, 40]}  # since the params keys exist: a setting, not a patch
 
 
 class PenAlpha(float):
@@ -85,11 +83,12 @@ class PenAlpha(float):
         return PenAlpha(float(self) / other, self.pen)
 
 
-def draw_pen(rng: np.random.Generator, label: int, n_fonts: int) -> tuple:
-    """The default draws, then the pen: radius U(2, 4) for half of the digits, 0 (no pen) for the rest."""
-    f, stroke = int(rng.integers(n_fonts)), int(rng.integers(0, 3))
+def draw_pen(rng: np.random.Generator, label: int, n_fonts: int, *, stroke: tuple[int, int] = data.FONT_STROKE,
+             elastic_alpha: tuple[float, float] = data.FONT_ELASTIC_ALPHA) -> tuple:
+    """The params' draws, then the pen: radius U(2, 4) for half of the digits, 0 (no pen) for the rest."""
+    f, stroke = int(rng.integers(n_fonts)), int(rng.integers(stroke[0], stroke[1] + 1))
     angle, shear, width = np.deg2rad(rng.uniform(-15, 15)), rng.uniform(-0.15, 0.4), rng.uniform(0.8, 1.2)
-    alpha = rng.uniform(0, 30)
+    alpha = rng.uniform(*elastic_alpha)
     pen = rng.uniform(2.0, 4.0) if rng.random() < 0.5 else 0.0
     return int(label), f, stroke, angle, shear, width, PenAlpha(alpha, pen), [rng.uniform(-1, 1, (data._BIG, data._BIG)) for _ in range(2)]
 
@@ -103,9 +102,12 @@ def with_pen(elastic):
     return distort
 
 
-def apply_variant(name: str) -> None:
+def apply_variant(name: str, params: dict | None = None) -> None:
+    """Patches ``dpldm.data`` for ``pen``; ``wild`` writes its ranges into ``params["data"]["public"]``."""
     if name == "wild":
-        data._draw_digit = draw_wild
+        if params is None:
+            raise ValueError("the wild variant is a setting of params.yaml: pass the params to change")
+        params["data"]["public"].update(WILD)
     elif name == "pen":
         data._draw_digit = draw_pen
         data.elastic_distort = with_pen(data.elastic_distort)
@@ -141,7 +143,7 @@ def main() -> None:
         params["data"]["public"]["n_test"] = max(1, args.count // 10)
     if args.seed is not None:
         params["runtime"]["seeds"]["prepare_public"] = args.seed
-    apply_variant(args.variant)
+    apply_variant(args.variant, params)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = run_prepare(params, {"data": str(out / "images.parquet"), "manifest": str(out / "manifest.json"),

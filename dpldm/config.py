@@ -145,8 +145,15 @@ class DatasetConfig:
     channels: Literal[1, 3]
     emnist_split: str
     preview_grid: bool  # write a grid of example images; off for private data unless asked (it shows real records)
+    font_stroke: tuple[int, int]  # fontdigits: stroke width drawn uniformly from [lo, hi] px (on the 64-px canvas)
+    font_elastic_alpha: tuple[float, float]  # fontdigits: elastic distortion size drawn uniformly from [lo, hi)
 
     def validate(self, key: str) -> None:
+        lo, hi = self.font_stroke
+        check(0 <= lo <= hi <= 8, f"{key}.font_stroke", list(self.font_stroke), "[lo, hi] px with 0 <= lo <= hi <= 8")
+        lo, hi = self.font_elastic_alpha
+        check(0 <= lo <= hi <= 100, f"{key}.font_elastic_alpha", list(self.font_elastic_alpha),
+              "[lo, hi] with 0 <= lo <= hi <= 100")
         check(self.count > 0, f"{key}.count", self.count, "an integer > 0")
         check(self.n_train >= 0, f"{key}.n_train", self.n_train, "an integer >= 0")
         check(self.n_test >= 0, f"{key}.n_test", self.n_test, "an integer >= 0")

@@ -106,12 +106,18 @@ _BIG = 64  # digits are rendered large, then normalised down: smooth strokes
 _CHUNK = 250  # digits per unit of work: bounds the memory of the drawn displacement fields (16 MB a chunk)
 
 
-def _draw_digit(rng: np.random.Generator, label: int, n_fonts: int) -> tuple:
+FONT_STROKE = (0, 2)  # px on the 64-px canvas, inclusive (params: data.*.font_stroke)
+FONT_ELASTIC_ALPHA = (0.0, 30.0)  # elastic distortion size at 28 px (params: data.*.font_elastic_alpha)
+
+
+def _draw_digit(rng: np.random.Generator, label: int, n_fonts: int, *, stroke: tuple[int, int] = FONT_STROKE,
+                elastic_alpha: tuple[float, float] = FONT_ELASTIC_ALPHA) -> tuple:
     """All random choices of one digit, from the one stream, in a fixed order: font, stroke, rotation, slant,
-    width, distortion size and its two displacement fields. Drawing is cheap; rendering is not."""
-    f, stroke = int(rng.integers(n_fonts)), int(rng.integers(0, 3))
+    width, distortion size and its two displacement fields. Drawing is cheap; rendering is not. The ranges change
+    the values drawn, never how many: every setting consumes the stream alike."""
+    f, stroke = int(rng.integers(n_fonts)), int(rng.integers(stroke[0], stroke[1] + 1))
     angle, shear, width = np.deg2rad(rng.uniform(-15, 15)), rng.uniform(-0.15, 0.4), rng.uniform(0.8, 1.2)
-    alpha = rng.uniform(0, 30)
+    alpha = rng.uniform(*elastic_alpha)
     return int(label), f, stroke, angle, shear, width, alpha, [rng.uniform(-1, 1, (_BIG, _BIG)) for _ in range(2)]
 
 
@@ -140,10 +146,11 @@ def _render_digits(fonts: list[Path], draws: list[tuple], size: int) -> np.ndarr
     return out
 
 
-def render_font_digits(*, count: int, seed: int, size: int = 28, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def render_font_digits(*, count: int, seed: int, size: int = 28, workers: int = 1, stroke: tuple[int, int] = FONT_STROKE,
+                       elastic_alpha: tuple[float, float] = FONT_ELASTIC_ALPHA) -> tuple[np.ndarray, np.ndarray]:
     """``count`` printed digits, balanced over classes, white on black, in MNIST's format: random
-    font, stroke, slant/rotation/width and a mild elastic distortion, then MNIST's own size and
-    centre-of-mass normalisation (20x20 box in 28x28). Deterministic for ``seed``, whatever ``workers``:
+    font, stroke (``stroke``: [lo, hi] px), slant/rotation/width and an elastic distortion (size ``elastic_alpha``),
+    then MNIST's own size and centre-of-mass normalisation (20x20 box in 28x28). Deterministic for ``seed``, whatever ``workers``:
     one process draws every random choice in order, chunk by chunk, and ``workers`` processes render the
     chunks (the same bytes as one process; tested)."""
     rng = np.random.default_rng(seed)
@@ -155,7 +162,8 @@ def render_font_digits(*, count: int, seed: int, size: int = 28, workers: int = 
     starts = range(0, count, _CHUNK)
 
     def draws(start: int) -> list[tuple]:
-        return [_draw_digit(rng, label, len(fonts)) for label in labels[start:start + _CHUNK]]
+        return [_draw_digit(rng, label, len(fonts), stroke=tuple(stroke), elastic_alpha=tuple(elastic_alpha))
+                for label in labels[start:start + _CHUNK]]
 
     if workers <= 1 or count <= _CHUNK:
         out = [_render_digits(fonts, draws(start), size) for start in starts]
@@ -340,7 +348,8 @@ def load_source(cfg: DatasetConfig, *, seed: int, workers: int = 1) -> LoadedDat
     """Load the configured source as train/test ``ImageSet``s at the configured resolution (``workers``
     processes render fontdigits: the same images for any number)."""
     if cfg.source == "fontdigits":
-        x, y = render_font_digits(count=cfg.count, seed=seed, workers=workers)
+        x, y = render_font_digits(count=cfg.count, seed=seed, workers=workers, stroke=cfg.font_stroke,
+                                  elastic_alpha=cfg.font_elastic_alpha)
         classes = [str(i) for i in range(10)]
         full = ImageSet(x, y, np.arange(len(y)))
         n_test = cfg.n_test or max(1, int(round(cfg.test_fraction * len(y))))

@@ -32,6 +32,41 @@ def test_fontdigits_are_the_same_bytes_whatever_the_number_of_rendering_processe
     assert render_font_digits(count=100, seed=4, workers=1)[0].tobytes() == serial.tobytes()  # serial, chunked by 15
 
 
+def test_fontdigits_stroke_and_distortion_ranges_change_the_draws_not_the_labels():
+    """data.*.font_stroke / font_elastic_alpha: thicker strokes draw more ink; the defaults are the params' values, and
+    every range consumes the random stream alike, so labels (drawn before) and later draws stay in step."""
+    from dpldm.data import FONT_ELASTIC_ALPHA, FONT_STROKE
+
+    base, labels = render_font_digits(count=60, seed=5)
+    same, _ = render_font_digits(count=60, seed=5, stroke=FONT_STROKE, elastic_alpha=FONT_ELASTIC_ALPHA)
+    thick, labels2 = render_font_digits(count=60, seed=5, stroke=(4, 4), elastic_alpha=FONT_ELASTIC_ALPHA)
+    thin, _ = render_font_digits(count=60, seed=5, stroke=(0, 0), elastic_alpha=FONT_ELASTIC_ALPHA)
+    assert same.tobytes() == base.tobytes() and (labels2 == labels).all()
+    ink = [(x > 127).mean() for x in (thin, base, thick)]
+    assert ink[0] < ink[1] < ink[2], ink
+    flat, _ = render_font_digits(count=60, seed=5, stroke=FONT_STROKE, elastic_alpha=(0.0, 0.0))
+    assert flat.tobytes() != base.tobytes()
+
+
+def test_font_ranges_are_validated_with_their_key():
+    import pytest
+
+    from dpldm.config import ConfigError, load_section
+    from helpers import ROOT
+
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert load_section(params, "data").public.font_stroke == (0, 2)
+    params["data"]["private"]["font_stroke"] = [3, 1]
+    with pytest.raises(ConfigError, match=r"data\.private\.font_stroke"):
+        load_section(params, "data")
+    params["data"]["private"]["font_stroke"] = [0, 2]
+    params["data"]["public"]["font_elastic_alpha"] = [-1, 30]
+    with pytest.raises(ConfigError, match=r"data\.public\.font_elastic_alpha"):
+        load_section(params, "data")
+
+
 def test_fontdigits_in_mnist_format():
     """Each glyph fits a 20x20 box and its centre of mass sits at the frame's centre, as in MNIST."""
     from scipy import ndimage

@@ -44,6 +44,9 @@ def test_variants_patch_the_renderer_and_change_the_digits(monkeypatch):
     again, _ = data.render_font_digits(count=30, seed=3)
     assert np.array_equal(pen_labels, labels) and np.array_equal(pen, again)  # same classes, deterministic
     assert not np.array_equal(pen, default)
+    params = {"data": {"public": {"font_stroke": [0, 2], "font_elastic_alpha": [0, 30]}}}
+    prv.apply_variant("wild", params)
+    assert params["data"]["public"] == prv.WILD
     alpha = prv.PenAlpha(3.0, 2.5) * 64 / 28  # the pen radius survives _render_digits' scaling of alpha
     assert alpha.pen == 2.5 and abs(float(alpha) - 3.0 * 64 / 28) < 1e-12
 
