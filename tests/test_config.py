@@ -54,6 +54,18 @@ def test_nested_key_and_unknown_section():
         load_all(p)
 
 
+def test_font_ranges_are_validated_with_their_key():
+    p = params()
+    assert load_section(p, "data").public.font_stroke == (0, 2)
+    p["data"]["private"]["font_stroke"] = [3, 1]
+    with pytest.raises(ConfigError, match=r"data\.private\.font_stroke"):
+        load_section(p, "data")
+    p = params()
+    p["data"]["public"]["font_elastic_alpha"] = [-1, 30]
+    with pytest.raises(ConfigError, match=r"data\.public\.font_elastic_alpha"):
+        load_section(p, "data")
+
+
 def test_bool_is_not_a_number():
     p = params()
     p["finetune"]["epsilon"] = True

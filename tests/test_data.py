@@ -48,25 +48,6 @@ def test_fontdigits_stroke_and_distortion_ranges_change_the_draws_not_the_labels
     assert flat.tobytes() != base.tobytes()
 
 
-def test_font_ranges_are_validated_with_their_key():
-    import pytest
-
-    from dpldm.config import ConfigError, load_section
-    from helpers import ROOT
-
-    import yaml
-
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert load_section(params, "data").public.font_stroke == (0, 2)
-    params["data"]["private"]["font_stroke"] = [3, 1]
-    with pytest.raises(ConfigError, match=r"data\.private\.font_stroke"):
-        load_section(params, "data")
-    params["data"]["private"]["font_stroke"] = [0, 2]
-    params["data"]["public"]["font_elastic_alpha"] = [-1, 30]
-    with pytest.raises(ConfigError, match=r"data\.public\.font_elastic_alpha"):
-        load_section(params, "data")
-
-
 def test_fontdigits_in_mnist_format():
     """Each glyph fits a 20x20 box and its centre of mass sits at the frame's centre, as in MNIST."""
     from scipy import ndimage
